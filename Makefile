@@ -1,0 +1,69 @@
+# LLaMA from scratch, in three volumes: the table of contents.
+# Every target depends on `setup`, so a newcomer needs nothing but Python to start.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PRESET ?= cpu
+ARGS   ?=
+
+.PHONY: help setup test test-fast lint format data tokenizer-bench \
+        vol1-gradcheck vol1-train vol1-bench vol2-train vol2-bench vol2-sample \
+        vol3-bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install the project (idempotent)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Pin torch first: on these machines 2.13.0 is a local CPU wheel; a looser spec pulls GBs of CUDA.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+test: setup  ## run the whole test suite (CPU, no network)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-fast: setup  ## the suite without tests marked slow
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check .
+
+format: setup  ## ruff format + import sort
+	$(VENV)/bin/ruff check --fix --select I .
+	$(VENV)/bin/ruff format .
+
+data: setup  ## fetch the Shakespeare corpus (sha256-checked) and print its summary
+	$(PY) -m shared.corpus $(ARGS)
+
+tokenizer-bench: setup  ## train our BPE and HF tokenizers' BPE on the same text; bytes/token side by side
+	$(PY) -m shared.tokenizer_bench $(ARGS)
+
+vol1-gradcheck: setup  ## Volume 1: every block's backward vs finite differences and torch autograd
+	$(PY) -m vol1_numpy.gradcheck $(ARGS)
+
+vol1-train: setup  ## Volume 1: train a small model in NumPy, side by side with Volume 2
+	$(PY) -m vol1_numpy.train $(ARGS)
+
+vol1-bench: setup  ## Volume 1: one NumPy training step vs PyTorch eager
+	$(PY) -m vol1_numpy.bench $(ARGS)
+
+vol2-train: setup  ## Volume 2: train LLaMA on Shakespeare (~10 min on 2 CPU cores)
+	$(PY) -m vol2_torch.train --preset $(PRESET) $(ARGS)
+
+vol2-bench: setup  ## Volume 2: training tok/s, ours vs transformers.LlamaForCausalLM
+	$(PY) -m vol2_torch.bench $(ARGS)
+
+vol2-sample: setup  ## Volume 2: sample from the trained model
+	$(PY) -m vol2_torch.sample $(ARGS)
+
+vol3-bench: setup  ## Volume 3: KV cache, int8, continuous batching vs baselines and HF generate
+	$(PY) -m vol3_inference.bench $(ARGS)
+
+clean:  ## remove runs/ and caches (keeps data/ and .venv/)
+	rm -rf runs .pytest_cache .ruff_cache .hypothesis
