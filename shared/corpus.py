@@ -339,6 +339,8 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="where the Shakespeare texts are cached "
                              "(default: $LLAMA_DATA_DIR or <repo>/data/shakespeare)")
+    parser.add_argument("--work-dir", default=None, metavar="DIR",
+                        help="where trained tokenizers and token files are cached (default: <repo>/data)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,6 +40,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.corpus import Corpus, Document
+from shared.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 IGNORE_INDEX = -1  # target value for padded positions; pass it as `ignore_index` to cross-entropy
@@ -297,3 +299,50 @@ def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
     if n_bytes <= 0:
         raise ValueError(f"n_bytes must be positive, got {n_bytes}")
     return total_nll_nats / math.log(2) / n_bytes
+
+
+# --- the whole pipeline, as every volume uses it ------------------------------------------------
+
+
+def default_data_root() -> Path:
+    """Where derived artifacts (tokenizers, token files) live: `<repo root>/data` (git-ignored)."""
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A corpus with its tokenizer and both token files: what a training run consumes."""
+
+    corpus: Corpus
+    tokenizer: Tokenizer
+    train: np.ndarray  # 1-D memmap of token ids
+    val: np.ndarray
+
+    @property
+    def val_bytes(self) -> int:
+        return self.corpus.val_bytes
+
+
+def prepare_dataset(corpus: Corpus, vocab_size: int, *, root: str | Path | None = None,
+                    quiet: bool = False) -> Dataset:
+    """Train (or reuse) a BPE tokenizer on the training split, then build (or reuse) the token files.
+
+    The tokenizer is cached at `root/tokenizers/bpe-<V>-<corpus sha[:12]>.json` and the token files at
+    `root/tokens/<corpus sha[:12]>-<tokenizer hash[:12]>/`; both names depend on their inputs, so a
+    different corpus or vocabulary never picks up a stale artifact.
+    """
+    root = Path(root) if root is not None else default_data_root()
+    tok_path = root / "tokenizers" / f"bpe-{vocab_size}-{corpus.sha256[:12]}.json"
+    if tok_path.exists():
+        tokenizer = Tokenizer.load(tok_path)
+        if not quiet:
+            print(f"reusing tokenizer {tok_path}")
+    else:
+        if not quiet:
+            print(f"training a {vocab_size}-token BPE tokenizer on the training split ...")
+        tokenizer = Tokenizer.train([d.text for d in corpus.train], vocab_size, verbose=not quiet)
+        tok_path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tok_path)
+    train, val = prepare_tokens(corpus, tokenizer, root / "tokens" / f"{corpus.sha256[:12]}-{tokenizer.hash[:12]}",
+                                quiet=quiet)
+    return Dataset(corpus, tokenizer, train, val)

@@ -1,0 +1,117 @@
+"""Text generation from a Volume 2 model by plain full recompute.
+
+Every new token runs the model over the whole context again: O(T^2) work for T tokens, but nothing to
+get wrong. Volume 3's KV-cache engine is checked against exactly this.
+
+Sampling (Holtzman et al. 2020 for top-p): logits / temperature, keep the top-k, keep the smallest set
+of tokens whose probability reaches top_p, renormalize, draw. temperature 0 means greedy.
+
+    python -m vol2_torch.sample --ckpt runs/vol2-cpu/ckpt --prompt "Ham." --max-new-tokens 200
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from shared.cli import ArgumentParser, fail
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Scale by 1/temperature, then mask (to -inf) everything outside top-k and the top-p nucleus.
+
+    logits: (B, V) float. Returns a new (B, V) tensor. Raises `ValueError` on out-of-range values.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 here (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass *before* this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Continue `prompt_ids` by up to `max_new_tokens` tokens; returns only the new ids.
+
+    Full recompute each step; when the context outgrows `max_seq_len` only the last `max_seq_len`
+    tokens are fed (a sliding window). `temperature == 0` is greedy. Stops early at any id in `stop_ids`
+    (which is not included).
+
+    Raises:
+        ValueError: empty prompt, or an id outside the vocabulary.
+    """
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    V = model.config.vocab_size
+    bad = [i for i in prompt_ids if not 0 <= i < V]
+    if bad:
+        raise ValueError(f"prompt has token ids outside [0, {V}): {bad[:5]}")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    ids = list(prompt_ids)
+    new: list[int] = []
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        context = torch.tensor([ids[-model.config.max_seq_len:]], device=device)  # (1, T)
+        logits = model(context)[:, -1, :]  # (1, V)
+        if temperature == 0:
+            nxt = int(logits.argmax(-1))
+        else:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        if nxt in stop_ids:
+            break
+        ids.append(nxt)
+        new.append(nxt)
+    model.train(was_training)
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.tokenizer import Tokenizer
+    from vol2_torch.hf import load_transformer
+
+    parser = ArgumentParser(prog="python -m vol2_torch.sample",
+                            description="Generate text from a Volume 2 checkpoint (full recompute).")
+    parser.add_argument("--ckpt", default="runs/vol2-cpu/ckpt",
+                        help="checkpoint folder (ours or a Hugging Face Llama folder)")
+    parser.add_argument("--prompt", default="\n", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus mass to keep (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    args = parser.parse_args(argv)
+    try:
+        model, tok_dict = load_transformer(args.ckpt)
+        if tok_dict is None:
+            return fail(f"{args.ckpt} has no tokenizer; sample from a checkpoint written by vol2_torch.train")
+        tok = Tokenizer.from_dict(tok_dict)
+        ids = [tok.bos_id] + tok.encode(args.prompt)
+        new = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stop_ids=(tok.eos_id,))
+    except (ValueError, OSError) as e:
+        return fail(str(e))
+    print(args.prompt + tok.decode(new))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

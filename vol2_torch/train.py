@@ -1,0 +1,475 @@
+"""Train LLaMA from random init on Shakespeare (or your own text): `make vol2-train`.
+
+The recipe (Touvron et al. 2023, section 2.2, scaled down): AdamW (beta2 0.95), linear warmup then
+cosine decay to 10% of the peak learning rate, gradient clipping at 1.0, weight decay 0.1 on every
+matrix (the tied embedding/LM head included, as in GPT-2/nanoGPT) and none on the RMSNorm gains.
+Mixed precision by autocast with fp32 master weights where the hardware has fast bf16 (`--dtype auto`
+measures it; see vol2_torch/device.py).
+
+By default the run is sized by wall-clock: `--max-minutes` (10) of training after data preparation.
+The number of optimizer steps is fixed once, early, from the measured time per step, and stored in
+the checkpoint, so the schedule is a pure function of the step and `--resume` continues exactly:
+model, optimizer, schedule and data-sampler state are restored, and the resumed losses equal those of
+an uninterrupted run. Pass `--max-steps` to fix the schedule yourself (reproducible across machines).
+
+Outputs in `runs/<name>/`: `ckpt/` (atomic), `metrics.jsonl`, `loss.png`, `samples.md`,
+`config.json`. Ctrl-C saves a checkpoint and exits; a NaN/inf loss stops the run naming the step and
+the last good checkpoint. Runs under `torchrun --nproc_per_node=N` with DistributedDataParallel
+(gloo on CPU, nccl on GPU): each rank draws different windows, rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from shared.cli import ArgumentParser, fail
+from shared.config import PRESETS, ModelConfig, get_preset
+from shared.corpus import CorpusError, add_corpus_args, load_corpus
+from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
+from shared.tokenizer import Tokenizer
+from vol2_torch.device import matmul_flops, pick_device, pick_dtype
+from vol2_torch.model import Transformer
+from vol2_torch.sample import generate
+
+# Training recipe per preset; every value can be overridden by its flag.
+RECIPES = {
+    "tiny": dict(batch_size=8, lr=3e-3, warmup_steps=10, max_minutes=1.0),
+    "cpu": dict(batch_size=16, lr=2e-3, warmup_steps=30, max_minutes=10.0),
+    "seed512": dict(batch_size=32, lr=1e-3, warmup_steps=200, max_minutes=30.0),
+}
+CALIBRATION_STEPS = 10  # steps timed before the step count is fixed (auto mode)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m vol2_torch.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size and recipe")
+    g = p.add_argument_group("model (override the preset)")
+    for flag, field in (("--dim", "dim"), ("--n-layers", "n_layers"), ("--n-heads", "n_heads"),
+                        ("--n-kv-heads", "n_kv_heads"), ("--vocab-size", "vocab_size"),
+                        ("--seq-len", "max_seq_len")):
+        g.add_argument(flag, dest=field, type=int, default=None, help=f"ModelConfig.{field}")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch, per rank")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (matrices)")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0 = off)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="optimizer steps (default: as many as fit in --max-minutes, measured)")
+    g.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
+    g.add_argument("--stop-at-step", type=int, default=None,
+                   help="save and exit at this step without changing the schedule (resume later)")
+    g = p.add_argument_group("run")
+    g.add_argument("--name", default=None, help="run name: outputs go to runs/<name> (default vol2-<preset>)")
+    g.add_argument("--out-root", default="runs", help="parent folder of run folders")
+    g.add_argument("--resume", action="store_true", help="continue runs/<name>/ckpt exactly")
+    g.add_argument("--seed", type=int, default=1337, help="seed for init and data order")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="autocast dtype (auto: bf16 where it is measurably faster)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--evals", type=int, default=8, help="evaluations over the run (plus one at step 0)")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="windows per evaluation batch")
+    g.add_argument("--log-interval", type=int, default=10, help="steps between metrics.jsonl lines")
+    g.add_argument("--sample-prompt", default="\nHam.\n", help="prompt for the sample at each evaluation")
+    g.add_argument("--sample-tokens", type=int, default=64, help="tokens to sample at each evaluation")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_corpus_args(p)
+    return p
+
+
+def resolve(args) -> tuple[ModelConfig, dict]:
+    """The model config and the recipe after applying flag overrides to the preset."""
+    overrides = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                                               "max_seq_len") if getattr(args, k) is not None}
+    config = get_preset(args.preset).replace(**overrides) if overrides else get_preset(args.preset)
+    recipe = dict(RECIPES[args.preset])
+    for k in ("batch_size", "lr", "warmup_steps", "max_minutes"):
+        if getattr(args, k) is not None:
+            recipe[k] = getattr(args, k)
+    for k in ("grad_accum", "min_lr_ratio", "weight_decay", "beta2", "clip", "max_steps", "seed"):
+        recipe[k] = getattr(args, k)
+    for k in ("batch_size", "grad_accum", "warmup_steps"):
+        if recipe[k] < (0 if k == "warmup_steps" else 1):
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {recipe[k]}")
+    if recipe["max_steps"] is not None and recipe["max_steps"] < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {recipe['max_steps']}")
+    if recipe["max_steps"] is None and recipe["warmup_steps"] < CALIBRATION_STEPS:
+        raise ValueError(f"--warmup-steps must be >= {CALIBRATION_STEPS} when the step count is measured")
+    if not recipe["lr"] > 0 or not 0 <= recipe["min_lr_ratio"] <= 1:
+        raise ValueError("--lr must be > 0 and --min-lr-ratio in [0, 1]")
+    return config, recipe
+
+
+def lr_at(step: int, max_steps: int, recipe: dict) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+    lr, warm = recipe["lr"], recipe["warmup_steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, max_steps - warm))
+    floor = lr * recipe["min_lr_ratio"]
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: Transformer, recipe: dict, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; decay on matrices (incl. the tied embedding), none on the 1-D RMSNorm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": recipe["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe["lr"], betas=(0.9, recipe["beta2"]), eps=1e-8,
+                             foreach=device.type == "cuda")
+
+
+def optimizer_tensors(model: Transformer, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW state flattened by parameter name: `<name>.exp_avg`, `<name>.exp_avg_sq`, `<name>.step`."""
+    out = {}
+    for name, p in model.named_parameters():
+        for key, value in opt.state.get(p, {}).items():
+            out[f"{name}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+    return out
+
+
+def load_optimizer_tensors(model: Transformer, opt: torch.optim.Optimizer, tensors: dict) -> None:
+    for name, p in model.named_parameters():
+        keys = [k for k in ("exp_avg", "exp_avg_sq", "step") if f"{name}.{k}" in tensors]
+        if keys and len(keys) != 3:
+            raise CheckpointError(f"optimizer state for {name} is incomplete: has {keys}")
+        if keys:
+            st = {k: tensors[f"{name}.{k}"].to(p.device) for k in keys}
+            st["step"] = st["step"].reshape(()).float().cpu()
+            opt.state[p] = st
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in name order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in nats, fp32; targets == -1 are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, val: np.ndarray, val_bytes: int, batch_size: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[float, float]:
+    """(mean loss per token in nats, bits per byte) over the WHOLE validation split, every target once."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in iter_eval_batches(val, batch_size, model.config.max_seq_len):
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(x)
+        total += lm_loss(logits, y, reduction="sum").item()
+        count += int((y != -1).sum())
+    model.train(was_training)
+    return total / count, bits_per_byte(total, val_bytes)
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    ev = [(r["step"], r["val_loss"], r["val_bpb"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if tr:
+        ax.plot(*zip(*tr, strict=True), label="train loss (per step)", alpha=0.6)
+    if ev:
+        ax.plot([e[0] for e in ev], [e[1] for e in ev], "o-", label="validation loss (hamlet + tempest)")
+        ax2 = ax.twinx()
+        ax2.plot([e[0] for e in ev], [e[2] for e in ev], "s--", color="tab:red", label="validation bits/byte")
+        ax2.set_ylabel("bits per byte")
+        ax2.legend(loc="upper center")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(metrics_path.parent.name)
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGINT, self._handle) if _is_main_thread() else None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(args) -> dict:
+    """Run training as configured by parsed `args`; returns the final metrics. Raises on bad input."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(args.device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+
+    name = args.name or f"vol2-{args.preset}"
+    run_dir = Path(args.out_root) / name
+    ckpt_dir = run_dir / "ckpt"
+    resumed = None
+    if args.resume:
+        if not (ckpt_dir.exists() or ckpt_dir.with_name("ckpt.old").exists()):
+            raise ValueError(f"--resume: no checkpoint at {ckpt_dir}")
+        resumed = load_checkpoint(ckpt_dir)
+        saved = resumed.train_state["args"]
+        for k, v in saved.items():  # the resumed run is the same run: its flags win, but for these
+            if k not in ("resume", "max_minutes", "stop_at_step", "no_progress", "device", "evals"):
+                setattr(args, k, v)
+    config, recipe = resolve(args)
+    if resumed is not None:
+        config, recipe = resumed.config, resumed.train_state["recipe"]
+        if args.max_minutes is not None:
+            recipe["max_minutes"] = args.max_minutes
+    dtype, dtype_note = pick_dtype(args.dtype, device)
+    say(f"device {device}{f' x {world} ranks (DDP)' if ddp else ''}, {dtype_note}")
+
+    corpus = load_corpus(args.data, args.cache_dir, quiet=not master)
+    if ddp and not master:
+        dist.barrier()  # let rank 0 build the tokenizer and token files first
+    ds = prepare_dataset(corpus, config.vocab_size, root=args.work_dir, quiet=not master)
+    if ddp and master:
+        dist.barrier()
+    if resumed is not None and resumed.tokenizer is not None and Tokenizer.from_dict(resumed.tokenizer).hash != ds.tokenizer.hash:
+        raise ValueError("the checkpoint's tokenizer differs from the one built for this corpus")
+
+    torch.manual_seed(recipe["seed"])
+    model = Transformer(config).to(device)
+    opt = make_optimizer(model, recipe, device)
+    sampler = BatchSampler(ds.train, recipe["batch_size"], config.max_seq_len, seed=recipe["seed"],
+                           rank=rank, world_size=world)
+    step, max_steps = 0, recipe["max_steps"]
+    if resumed is not None:
+        model.load_state_dict({k: v.to(device) for k, v in resumed.model.items()}, strict=True)
+        load_optimizer_tensors(model, opt, resumed.optimizer or {})
+        st = resumed.train_state
+        step, max_steps = st["step"], st["max_steps"]
+        sampler.load_state_dict(st["samplers"][rank])
+        say(f"resumed {ckpt_dir} at step {step}/{max_steps}")
+    fwd = DistributedDataParallel(model) if ddp else model
+    if args.compile:
+        fwd = torch.compile(fwd)
+
+    run_dir.mkdir(parents=True, exist_ok=True) if master else None
+    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.md"
+    if master:
+        config.save(run_dir / "config.json")
+        if resumed is not None and metrics_path.exists():  # drop records past the checkpoint
+            keep = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            metrics_path.write_text("".join(line + "\n" for line in keep))
+        elif resumed is None:
+            metrics_path.write_text("")
+            samples_path.write_text(f"# Samples from {name}\n\nPrompt: `{args.sample_prompt!r}`, "
+                                    f"temperature 0.8, top-k 50, seed 0.\n")
+    say(f"model: {model.num_params():,} parameters ({model.num_params(False):,} without embeddings); "
+        f"{config.to_dict()}")
+    tokens_per_step = recipe["batch_size"] * config.max_seq_len * recipe["grad_accum"] * world
+    flops_per_token = model.flops_per_token(config.max_seq_len)
+    peak = matmul_flops(dtype, device)
+    say(f"{tokens_per_step:,} tokens/step; matmul peak measured {peak / 1e9:.0f} GFLOP/s ({dtype})")
+    last_good = str(ckpt_dir) if resumed is not None else None
+
+    def log(record: dict) -> None:
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(step_: int) -> None:
+        nonlocal last_good
+        if ddp:
+            mine = (sampler.state_dict(), param_digest(model))
+            gathered = [None] * world if master else None
+            dist.gather_object(mine, gathered, dst=0)
+        if master:
+            samplers = [g[0] for g in gathered] if ddp else [sampler.state_dict()]
+            digests = [g[1] for g in gathered] if ddp else None
+            state = {"step": step_, "max_steps": max_steps, "recipe": recipe, "samplers": samplers,
+                     "args": {k: v for k, v in vars(args).items()}}
+            if ddp:  # proof that the replicas agree: every rank's digest of its parameters
+                state["ddp_param_digests"] = digests
+            save_checkpoint(ckpt_dir, model.state_dict(), config, tokenizer=ds.tokenizer.to_dict(),
+                            train_state=state, optimizer=optimizer_tensors(model, opt))
+            last_good = f"{ckpt_dir} (step {step_})"
+
+    def run_eval(step_: int) -> dict:
+        t = time.perf_counter()
+        val_loss, bpb = evaluate(model, ds.val, ds.val_bytes, args.eval_batch_size, dtype, device)
+        prompt = [ds.tokenizer.bos_id] + ds.tokenizer.encode(args.sample_prompt)
+        text = ds.tokenizer.decode(generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=50,
+                                            seed=0, stop_ids=(ds.tokenizer.eos_id,)))
+        with open(samples_path, "a") as f:
+            f.write(f"\n## step {step_} (val loss {val_loss:.3f}, {bpb:.3f} bits/byte)\n\n```\n"
+                    f"{args.sample_prompt}{text}\n```\n")
+        rec = {"step": step_, "val_loss": val_loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t}
+        log(rec)
+        return rec
+
+    stop = StopFlag()
+    bar = None
+    result = {}
+    t0 = time.perf_counter()
+    budget = recipe["max_minutes"] * 60 if recipe["max_minutes"] else float("inf")
+    eval_seconds = 0.0
+    timing: list[float] = []
+    try:
+        if master and resumed is None:
+            rec = run_eval(0)
+            eval_seconds = rec["eval_seconds"]
+            say(f"step 0: val loss {rec['val_loss']:.3f} (ln V = {math.log(config.vocab_size):.3f}), "
+                f"{rec['val_bpb']:.3f} bits/byte")
+        if master and not args.no_progress:
+            bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        eval_every = max(1, (max_steps or 1) // max(1, args.evals))
+        fwd.train()
+        ema = None
+        while max_steps is None or step < max_steps:
+            t_step = time.perf_counter()
+            lr = lr_at(step, max_steps or 10**9, recipe)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(recipe["grad_accum"]):
+                x, y = (torch.from_numpy(a).to(device) for a in sampler.next_batch())
+                sync_ctx = fwd.no_sync() if ddp and micro < recipe["grad_accum"] - 1 else contextlib.nullcontext()
+                with sync_ctx, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = lm_loss(fwd(x), y) / recipe["grad_accum"]
+                    loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1}; stopping. "
+                                    f"Last good checkpoint: {last_good or 'none yet'}. Try a lower --lr.")
+            if recipe["clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t_step
+            ema = loss_sum if ema is None else 0.9 * ema + 0.1 * loss_sum
+            tok_s = tokens_per_step / dt
+            mfu = flops_per_token * tok_s / (peak * world)
+            if step % args.log_interval == 0 or step == max_steps:
+                log({"step": step, "train_loss": loss_sum, "lr": lr, "tok_s": tok_s, "mfu": mfu,
+                     "elapsed": time.perf_counter() - t0})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+            # Auto mode: fix the step count from the measured time per step (minus the first,
+            # warm-up step), leaving room for the evaluations still to come.
+            if max_steps is None:
+                timing.append(dt)
+                if step == CALIBRATION_STEPS:
+                    per_step = float(np.median(timing[1:]))
+                    left = 0.97 * budget - (time.perf_counter() - t0) - args.evals * eval_seconds
+                    max_steps = max(recipe["warmup_steps"] + 1, step + int(left / per_step))
+                    if ddp:
+                        holder = [max_steps]
+                        dist.broadcast_object_list(holder, src=0)
+                        max_steps = holder[0]
+                    eval_every = max(1, max_steps // max(1, args.evals))
+                    say(f"\n{per_step:.2f} s/step measured: training for {max_steps} steps "
+                        f"(~{recipe['max_minutes']:g} min)")
+                    if bar is not None:
+                        bar.total = max_steps
+            out_of_time = time.perf_counter() - t0 > budget
+            want_stop = stop.requested or out_of_time or step == args.stop_at_step
+            if ddp:
+                flag = torch.tensor([float(want_stop)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                want_stop = bool(flag.item())
+            if max_steps is not None and (step % eval_every == 0 or step == max_steps or want_stop):
+                if master:
+                    rec = run_eval(step)
+                    if bar is not None:
+                        bar.write(f"step {step}: val loss {rec['val_loss']:.3f}, {rec['val_bpb']:.3f} bits/byte")
+                    result = {"step": step, **rec}
+                save(step)
+                if ddp:
+                    dist.barrier()
+            if want_stop:
+                why = "Ctrl-C" if stop.requested else ("time budget" if out_of_time else "--stop-at-step")
+                say(f"\nstopped by {why} at step {step}/{max_steps}; checkpoint {ckpt_dir}; "
+                    f"continue with --resume --name {name}")
+                result["stopped"] = why
+                break
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+    if master:
+        plot_metrics(metrics_path, run_dir / "loss.png")
+        if "val_bpb" in result:
+            say(f"final: step {step}/{max_steps}, val loss {result['val_loss']:.4f} nats/token, "
+                f"val {result['val_bpb']:.4f} bits/byte, {time.perf_counter() - t0:.0f} s; outputs in {run_dir}")
+    if ddp:
+        dist.destroy_process_group()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except NonFiniteLoss as e:
+        return fail(str(e), code=1)
+    except (ValueError, CorpusError, CheckpointError, OSError) as e:
+        return fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
