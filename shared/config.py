@@ -180,3 +180,19 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def describe_presets() -> str:
+    """A table of the presets: size, parameters, and KV-cache bytes per token (bf16) as GQA and as MHA."""
+    rows = ["| preset | D / L / H / Hkv / V / T | parameters (non-embedding) | KV cache bf16, per token: as configured | same model as MHA |",
+            "|---|---|---|---|---|"]
+    for name, c in PRESETS.items():
+        mha = c.replace(n_kv_heads=c.n_heads)
+        rows.append(f"| {name} | {c.dim} / {c.n_layers} / {c.n_heads} / {c.n_kv_heads} / {c.vocab_size} / "
+                    f"{c.max_seq_len} | {c.num_params():,} ({c.num_params(False):,}) | "
+                    f"{c.kv_cache_bytes_per_token(2):,} B | {mha.kv_cache_bytes_per_token(2):,} B |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(describe_presets())
