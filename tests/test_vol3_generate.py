@@ -1,0 +1,100 @@
+"""vol3_inference.generate (CLI) and vol3_inference.load: a checkpoint in, text out; bad input is one
+line on stderr and exit status 2. Also a smoke test of the benchmark's serving harness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.checkpoint import save_checkpoint
+from shared.config import ModelConfig
+from shared.tokenizer import Tokenizer
+from vol2_torch.model import Transformer
+from vol3_inference import bench
+from vol3_inference.engine import Engine, ModelWeights
+from vol3_inference.generate import main
+from vol3_inference.load import load_weights
+from vol3_inference.sampling import SamplingParams
+
+CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=48,
+                     multiple_of=16)
+TEXT = "To be, or not to be, that is the question. " * 20 + "Whether 'tis nobler in the mind to suffer"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vol3") / "ckpt"
+    save_checkpoint(path, Transformer(CONFIG).state_dict(), CONFIG,
+                    tokenizer=Tokenizer.train(TEXT, CONFIG.vocab_size).to_dict())
+    return path
+
+
+def test_stream_and_batch(ckpt, capsys):
+    assert main(["--ckpt", str(ckpt), "--prompt", "To be", "--stream", "--max-tokens", "12",
+                 "--seed", "3", "--threads", "1"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.startswith("To be")
+    assert main(["--ckpt", str(ckpt), "--prompt", "To be", "--prompt", "or not", "--max-tokens", "5",
+                 "--quant", "int8", "--temperature", "0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--- 'To be'" in out and "--- 'or not'" in out
+    # seeded sampling through the CLI repeats
+    main(["--ckpt", str(ckpt), "--prompt", "To be", "--stream", "--max-tokens", "12", "--seed", "3",
+          "--threads", "1"])
+    assert capsys.readouterr().out == streamed
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        return main(args)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "to be " * 40, "--stream"], "leaves no room"),
+    (["--prompt", "x", "--temperature", "-1"], "SamplingParams.temperature"),
+    (["--prompt", "x", "--top-p", "2"], "SamplingParams.top_p"),
+    (["--prompt", "a", "--prompt", "b", "--stream"], "exactly one --prompt"),
+    (["--prompt", "x", "--max-tokens", "many"], "invalid int value"),
+])
+def test_bad_input_is_one_line_and_exit_2(ckpt, capsys, args, message):
+    assert run_cli(["--ckpt", str(ckpt), "--threads", "1", *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert message in err and err.startswith("error:") and len(err.splitlines()) == 1
+    assert captured.out == ""  # nothing half-printed (not even the prompt of a --stream)
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert main(["--ckpt", str(tmp_path / "nope"), "--prompt", "x", "--threads", "1"]) == 2
+    assert torch.get_num_threads() == 1
+    assert "neither a checkpoint directory" in capsys.readouterr().err
+
+
+def test_load_weights_modes(ckpt):
+    w, tok = load_weights(ckpt)
+    assert tok is not None and tok.vocab_size == CONFIG.vocab_size
+    q, _ = load_weights(ckpt, quant="int8")
+    body, _ = load_weights(ckpt, quant="int8-body")
+    assert q.linear_bytes() < body.linear_bytes() < w.linear_bytes()
+    with pytest.raises(ValueError, match="quant"):
+        load_weights(ckpt, quant="int4")
+
+
+def test_bench_workload_and_serving_harness():
+    work = bench.make_workload(50, 256, lambda rng, n: [int(t) for t in rng.integers(0, 300, n)])
+    assert all(8 <= len(p) <= 128 and 1 <= n <= 256 and len(p) + n <= 256 for p, n in work)
+    assert max(n for _, n in work) > 100 and min(len(p) for p, _ in work) < 30  # mixed lengths
+    torch.manual_seed(1)
+    weights = ModelWeights.from_model(Transformer(CONFIG.replace(max_seq_len=200)).double())
+    work = bench.make_workload(6, 200, lambda rng, n: [int(t) for t in rng.integers(0, 300, n)])
+    work = [(p, min(n, 20)) for p, n in work]
+    serving = bench.bench_serving(weights, work, max_batch=4)
+    assert serving["outputs_identical"]
+    for k in ("sequential", "static", "continuous"):
+        assert serving[k]["output_tokens"] == sum(n for _, n in work)
+    solo = Engine(weights).generate(work[0][0], SamplingParams(max_tokens=work[0][1], ignore_eos=True))
+    assert len(solo) == work[0][1]

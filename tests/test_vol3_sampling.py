@@ -1,0 +1,79 @@
+"""vol3_inference.sampling: each filter does what its paper says; seeded draws are reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vol3_inference.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_logits,
+    find_stop,
+    make_generator,
+    sample_token,
+)
+
+
+def test_repetition_penalty_lowers_seen_tokens_of_either_sign():
+    z = torch.tensor([2.0, -2.0, 1.0, -1.0, 0.5])
+    seen = torch.tensor([0, 1, 1])  # repeats count once
+    out = apply_repetition_penalty(z, seen, 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, -1.0, 0.5]  # 2/2 and -2*2: both less likely
+    assert z.tolist() == [2.0, -2.0, 1.0, -1.0, 0.5]  # input untouched
+    p_before, p_after = torch.softmax(z, 0), torch.softmax(out, 0)
+    assert p_after[0] < p_before[0] and p_after[1] < p_before[1]
+    # greedy with the penalty: token 0 (2.0 -> 0.8 with p=2.5) loses to token 2 (1.0)
+    assert sample_token(z, SamplingParams(repetition_penalty=2.5), seen=torch.tensor([0])) == 2
+
+
+def test_top_k_and_top_p():
+    z = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    assert torch.isfinite(filter_logits(z, top_k=2)).tolist() == [True, True, False, False, False]
+    # nucleus: smallest set whose mass reaches p
+    assert torch.isfinite(filter_logits(z, top_p=0.5)).tolist() == [True, False, False, False, False]
+    assert torch.isfinite(filter_logits(z, top_p=0.51)).tolist() == [True, True, False, False, False]
+    assert torch.isfinite(filter_logits(z, top_p=0.86)).tolist() == [True, True, True, True, False]
+    assert torch.isfinite(filter_logits(z, top_p=0.01)).sum() == 1  # the top token always stays
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(0, 12), p=st.floats(0.05, 1.0),
+       t=st.floats(0.1, 3.0))
+def test_sampled_tokens_stay_inside_the_filters_and_repeat_with_the_seed(seed, k, p, t):
+    z = torch.randn(12, generator=torch.Generator().manual_seed(seed)) * 3
+    params = SamplingParams(temperature=t, top_k=k, top_p=p, seed=seed)
+    allowed = torch.isfinite(filter_logits(z.double() / t, k, p))
+    g1, g2 = make_generator(seed), make_generator(seed)
+    a = [sample_token(z, params, g1) for _ in range(20)]
+    b = [sample_token(z, params, g2) for _ in range(20)]
+    assert a == b
+    assert all(allowed[i] for i in a)
+
+
+def test_temperature_zero_is_argmax_and_sampling_follows_probabilities():
+    z = torch.tensor([0.0, 3.0, 1.0])
+    assert sample_token(z, SamplingParams()) == 1
+    g = make_generator(0)
+    draws = torch.tensor([sample_token(z, SamplingParams(temperature=1.0), g) for _ in range(3000)])
+    freq = torch.bincount(draws, minlength=3).double() / 3000
+    torch.testing.assert_close(freq, torch.softmax(z.double(), 0), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", float("nan")), ("top_k", -1), ("top_k", 2.5),
+    ("top_p", 0.0), ("top_p", 1.5), ("repetition_penalty", 0.0), ("max_tokens", 0),
+    ("seed", "x"), ("stop", ("",)), ("stop_token_ids", (-3,)),
+])
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_stop_strings():
+    assert SamplingParams(stop="\n\n").stop == ("\n\n",)
+    assert find_stop("abc\n\nde", ("\n\n", "d")) == 3
+    assert find_stop("abcd", ("x",)) == -1
+    assert find_stop("xxab", ("x",), 2) == -1

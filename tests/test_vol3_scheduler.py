@@ -1,0 +1,169 @@
+"""vol3_inference.scheduler: every request in a continuous batch gets exactly its solo output.
+
+Arrival schedules, prompt and output lengths, batch slots, step token budgets and cache sizes are drawn
+by hypothesis; small caches force preemption (by recompute) and small budgets force chunked prefill.
+Greedy and seeded-sampling requests are mixed. The model runs in float64 so that two correct
+summation orders (batched vs solo matmul rows) cannot flip a near-tied argmax (see test_vol3_engine).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.config import ModelConfig
+from shared.tokenizer import Tokenizer
+from vol2_torch.model import Transformer
+from vol3_inference.engine import Engine, ModelWeights
+from vol3_inference.sampling import SamplingParams
+from vol3_inference.scheduler import LLM, RequestError, Scheduler
+
+CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64,
+                     multiple_of=16)
+MAX_PROMPT, MAX_NEW = 20, 25
+
+
+@functools.cache
+def weights() -> ModelWeights:
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return ModelWeights.from_model(model)
+
+
+@functools.cache
+def solo(prompt: tuple[int, ...], params: SamplingParams) -> list[int]:
+    return Engine(weights()).generate(list(prompt), params)
+
+
+def params_for(kind: int, max_tokens: int, seed: int) -> SamplingParams:
+    if kind == 0:
+        return SamplingParams(max_tokens=max_tokens)
+    return SamplingParams(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=seed,
+                          max_tokens=max_tokens)
+
+
+def run_schedule(arrivals, *, n_blocks, block_size, max_batch, max_step_tokens, policy="continuous"):
+    """Feed requests (arrival step, prompt, params) to a scheduler step by step; return outputs by id."""
+    engine = Engine(weights(), n_blocks, block_size)
+    sched = Scheduler(engine, max_batch=max_batch, max_step_tokens=max_step_tokens, policy=policy)
+    pending = sorted(enumerate(arrivals), key=lambda x: x[1][0])
+    done, step = {}, 0
+    while pending or sched.has_unfinished():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, params) = pending.pop(0)
+            sched.add_request(prompt, params, request_id=i)
+        for out in sched.step():
+            assert out.id not in done, "output after finishing"
+            if out.finished:
+                done[out.id] = out
+        engine.cache.manager.check()
+        assert len(sched.running) <= max_batch
+        step += 1
+        assert step < 5000, "the scheduler stopped making progress"
+    assert engine.cache.manager.used_blocks == 0  # every finished request gave its blocks back
+    return done, sched
+
+
+request = st.tuples(st.integers(0, 12), st.integers(1, MAX_PROMPT), st.integers(1, MAX_NEW),
+                    st.integers(0, 1), st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(reqs=st.lists(request, min_size=1, max_size=6), block_size=st.sampled_from([2, 3, 4]),
+       extra_blocks=st.integers(0, 12), max_batch=st.integers(1, 4), budget=st.integers(1, 40),
+       data=st.data())
+def test_continuous_batch_equals_solo(reqs, block_size, extra_blocks, max_batch, budget, data):
+    # The cache always fits one request of maximal length, so a request alone is never cut short.
+    n_blocks = -(-(MAX_PROMPT + MAX_NEW + 1) // block_size) + extra_blocks
+    arrivals = []
+    for arrival, n_prompt, n_new, kind, seed in reqs:
+        prompt = data.draw(st.lists(st.integers(0, CONFIG.vocab_size - 1), min_size=n_prompt,
+                                    max_size=n_prompt), label="prompt")
+        arrivals.append((arrival, prompt, params_for(kind, n_new, seed)))
+    done, _ = run_schedule(arrivals, n_blocks=n_blocks, block_size=block_size, max_batch=max_batch,
+                           max_step_tokens=budget)
+    assert sorted(done) == list(range(len(arrivals)))
+    for i, (_, prompt, params) in enumerate(arrivals):
+        assert done[i].token_ids == solo(tuple(prompt), params), f"request {i}"
+        assert done[i].finish_reason == "length"
+
+
+def test_preemption_happens_and_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    arrivals = [(0, torch.randint(0, 300, (12,), generator=g).tolist(), params_for(i % 2, 25, i))
+                for i in range(6)]
+    done, sched = run_schedule(arrivals, n_blocks=12, block_size=4, max_batch=6, max_step_tokens=64)
+    assert sched.n_preemptions > 0
+    for i, (_, prompt, params) in enumerate(arrivals):
+        assert done[i].token_ids == solo(tuple(prompt), params)
+
+
+def test_static_and_sequential_policies_give_the_same_tokens():
+    g = torch.Generator().manual_seed(2)
+    arrivals = [(0, torch.randint(0, 300, (int(n),), generator=g).tolist(), params_for(0, int(m), 0))
+                for n, m in [(5, 20), (9, 3), (2, 11), (14, 7), (7, 16)]]
+    kw = dict(n_blocks=64, block_size=4, max_step_tokens=64)
+    cont, _ = run_schedule(arrivals, max_batch=4, **kw)
+    static, s_static = run_schedule(arrivals, max_batch=4, policy="static", **kw)
+    seq, s_seq = run_schedule(arrivals, max_batch=1, **kw)
+    for i in range(len(arrivals)):
+        assert cont[i].token_ids == static[i].token_ids == seq[i].token_ids
+    # static batching waits for its whole batch: 4 requests then 1, so it needs more steps
+    assert s_static.n_steps == 20 + 16 and s_seq.n_steps == sum(m for m in (20, 3, 11, 7, 16))
+
+
+# --- the user-facing API ---------------------------------------------------------------------------
+
+
+@functools.cache
+def tokenizer() -> Tokenizer:
+    text = "To be, or not to be, that is the question. " * 20 + "Whether 'tis nobler in the mind to suffer"
+    return Tokenizer.train(text, CONFIG.vocab_size)
+
+
+def test_bad_requests_fail_alone():
+    llm = LLM(weights(), tokenizer(), max_batch=4)
+    good = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = ["To be", "", [1, 2, 999], [5] * 64, "or not", [7, 8], "that is"]
+    params = [good, good, good, good, dict(temperature=-1.0), dict(top_p=0.0), dict(max_tokens=5)]
+    outs = llm.generate(prompts, params)
+    errors = [o.error for o in outs]
+    assert errors[0] is None and errors[6] is None
+    assert "empty" in errors[1]
+    assert "outside [0, 300)" in errors[2] and "999" in errors[2]
+    assert "64 tokens" in errors[3]
+    assert "temperature" in errors[4]
+    assert "top_p" in errors[5]
+    assert [o.finish_reason for o in outs] == ["length", "error", "error", "error", "error", "error", "length"]
+    assert len(outs[0].token_ids) == 8 and len(outs[6].token_ids) <= 5
+    assert llm.engine.cache.manager.used_blocks == 0
+    with pytest.raises(RequestError, match="empty"):
+        llm.stream("")  # raised at the call, before any iteration
+
+
+def test_stream_and_stop_strings():
+    llm = LLM(weights(), tokenizer(), max_batch=4)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    full = llm.generate(["To be, or not"], params)[0]
+    assert full.text == tokenizer().decode(full.token_ids) and len(full.text) > 10
+    pieces = list(llm.stream("To be, or not", params))
+    assert "".join(p.new_text for p in pieces) == full.text
+    assert sum(len(p.new_token_ids) for p in pieces) == 30 and pieces[-1].finished
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    cut = llm.generate(["To be, or not"], SamplingParams(max_tokens=30, ignore_eos=True, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    cut_params = SamplingParams(max_tokens=30, ignore_eos=True, stop=(stop,))
+    streamed = "".join(p.new_text for p in llm.stream("To be, or not", cut_params))
+    assert streamed == cut.text
+    # a stop token ends the request; it is kept in token_ids, its text is not in the output text
+    stop_id = full.token_ids[3]
+    out = llm.generate(["To be, or not"], SamplingParams(max_tokens=30, stop_token_ids=(stop_id,)))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
+    assert out.text == tokenizer().decode(out.token_ids[:-1])

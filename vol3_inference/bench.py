@@ -1,0 +1,557 @@
+"""`make vol3-bench`: the engine against its baselines and Hugging Face, side by side, in one process.
+
+Three tables, for the model trained by `make vol2-train` (trained on Shakespeare) and for the
+`seed512` preset with random weights (a larger, memory-bound case):
+
+1. decode tok/s at batch 1: full recompute (`generate_naive`) vs our paged KV cache vs Hugging Face
+   `generate` on the same weights exported with `vol2_torch.hf.export_hf`, same dtype (fp32), greedy,
+   with the three token streams checked equal.
+2. int8: linear-weight bytes, decode tok/s and validation bits per byte, int8 vs fp32, plus how many
+   greedy tokens int8 keeps in common with fp32 on validation prompts.
+3. serving: 64 requests of mixed prompt (8-128) and output (16-256) lengths, all queued at t=0: one at
+   a time vs static batches vs continuous batching; throughput, time to first token (TTFT) and time
+   per output token (TPOT), p50/p95.
+
+Timings interleave the compared variants round by round in one process and report medians, so
+load from other processes hits all of them alike; ratios are the figures to read. Writes
+`runs/bench/vol3.json`, `runs/bench/vol3.png` (the tables as bars) and `runs/bench/vol3_timeline.png`
+(static vs continuous batching, drawn from real scheduler traces).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.cli import ArgumentParser, fail
+from shared.config import get_preset
+from vol2_torch.model import Transformer
+from vol3_inference.engine import Engine, ModelWeights, generate_naive, pick_threads, tune_allocator
+from vol3_inference.kv_cache import kv_bytes_per_token
+from vol3_inference.quant import INT8_ROUTE, int8_route
+from vol3_inference.sampling import SamplingParams
+from vol3_inference.scheduler import Scheduler
+
+DEFAULT_CKPT = "runs/vol2-cpu/ckpt"
+
+
+def say(*a) -> None:
+    print(*a, flush=True)
+
+
+def median_rates(fns: dict, rounds: int, n_tokens: int) -> dict[str, float]:
+    """Median tokens/s of each fn (which produces n_tokens), timed round-robin."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: n_tokens / statistics.median(v) for k, v in times.items()}
+
+
+def memory_bandwidth_gbs(n_bytes: int = 256 * 2**20, rounds: int = 5) -> float:
+    """Read bandwidth: median time to sum a float32 array far larger than the caches."""
+    x = torch.ones(n_bytes // 4)
+    x.sum()
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    return n_bytes / statistics.median(ts) / 1e9
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def ensure_trained(ckpt: Path, train: bool) -> bool:
+    """True if a trained checkpoint exists at `ckpt` (training it first if asked)."""
+    if (ckpt / "checkpoint.json").is_file():
+        return True
+    if not train:
+        say(f"no trained checkpoint at {ckpt}: run `make vol2-train` first (skipping the trained model)")
+        return False
+    say(f"no trained checkpoint at {ckpt}: training it first with `python -m vol2_torch.train --preset cpu` "
+        f"(`make vol2-train`, about 10 minutes on 2 CPU cores) ...")
+    rc = subprocess.call([sys.executable, "-m", "vol2_torch.train", "--preset", "cpu"])
+    if rc != 0 or not (ckpt / "checkpoint.json").is_file():
+        say(f"training failed (exit {rc}); skipping the trained model")
+        return False
+    return True
+
+
+def validation_tokens(tokenizer) -> np.ndarray:
+    from shared.corpus import load_corpus
+    from shared.data import default_data_root, prepare_tokens
+
+    corpus = load_corpus(quiet=True)
+    out = default_data_root() / "tokens" / f"{corpus.sha256[:12]}-{tokenizer.hash[:12]}"
+    return prepare_tokens(corpus, tokenizer, out, quiet=True)[1]
+
+
+def hf_model(model: Transformer, out_dir: Path, tokenizer_dict: dict | None):
+    """Export with Volume 2's exporter and load as transformers.LlamaForCausalLM (fp32, sdpa)."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from vol2_torch.hf import export_hf
+
+    hf_logging.set_verbosity_error()
+    export_hf(model, None, out_dir, tokenizer=tokenizer_dict)
+    hf = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return hf.eval()
+
+
+# --- table 1: decode at batch 1 --------------------------------------------------------------------
+
+
+def bench_decode(model, weights, hf, prompt: list[int], n_new: int, rounds: int) -> dict:
+    engine = Engine(weights)
+    greedy = SamplingParams(max_tokens=n_new, ignore_eos=True)
+
+    def ours():
+        return engine.generate(prompt, greedy)
+
+    def naive():
+        return generate_naive(model, prompt, n_new)
+
+    @torch.inference_mode()
+    def hf_generate():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new,
+                          do_sample=False, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    t0 = time.perf_counter()
+    tokens = {"full recompute": naive()}  # O(S^2): one timed run (it is the slowest by far)
+    naive_rate = n_new / (time.perf_counter() - t0)
+    tokens.update({"KV cache": ours(), "HF generate": hf_generate()})
+    rates = {"full recompute": naive_rate,
+             **median_rates({"KV cache": ours, "HF generate": hf_generate}, rounds, n_new)}
+    same = tokens["KV cache"] == tokens["full recompute"]
+    agree_hf = _common_prefix(tokens["KV cache"], tokens["HF generate"])
+    return {"tok_s": rates, "prompt_tokens": len(prompt), "new_tokens": n_new,
+            "greedy_equal_naive": same, "greedy_prefix_equal_hf": agree_hf}
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --- table 2: int8 ---------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def validation_bpb(weights: ModelWeights, val: np.ndarray, tokenizer, n_tokens: int, seq_len: int) -> float:
+    """Bits per byte over the first n_tokens validation targets, windows of seq_len, via the engine."""
+    from shared.data import iter_eval_batches
+
+    engine = Engine(weights, n_blocks=-(-seq_len // 16), block_size=16)
+    tokens = np.asarray(val[:n_tokens + 1], dtype=np.int64)
+    nll, n_bytes = 0.0, 0
+    specials = {tokenizer.bos_id, tokenizer.eos_id}
+    byte_len = np.array([0 if i in specials else len(tokenizer.token_bytes(i))
+                         for i in range(tokenizer.vocab_size)])
+    for x, y in iter_eval_batches(tokens, 1, seq_len):
+        n = int((y[0] >= 0).sum())
+        logits = engine.prefill("bpb", x[0, :n].tolist(), all_logits=True)  # (n, V)
+        engine.release("bpb")
+        nll += F.cross_entropy(logits.double(), torch.from_numpy(y[0, :n]), reduction="sum").item()
+        n_bytes += int(byte_len[y[0, :n]].sum())
+    return nll / math.log(2) / n_bytes
+
+
+INT8_COMPARED = ("int8pack_bf16", "w8a8_dynamic")  # weight-only vs int8 x int8 (see quant.py)
+
+
+def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: int,
+               val=None, tokenizer=None, val_tokens: int = 0, seq_len: int = 256) -> dict:
+    fp, q8 = Engine(weights), Engine(qweights)
+    greedy = SamplingParams(max_tokens=n_new, ignore_eos=True)
+
+    def run_route(route):
+        with int8_route(route):
+            return q8.generate(prompts[0], greedy)
+
+    ref = [fp.generate(p, greedy) for p in prompts]
+    prefixes = {}
+    for r in INT8_COMPARED:  # also the warm-up: w8a8 packs its weights on first use
+        with int8_route(r):
+            prefixes[r] = [_common_prefix(a, q8.generate(p, greedy)) for a, p in zip(ref, prompts, strict=True)]
+    fns = {"fp32": lambda: fp.generate(prompts[0], greedy)}
+    fns.update({r: (lambda r=r: run_route(r)) for r in INT8_COMPARED})
+    rates = median_rates(fns, rounds, n_new)
+    out = {"linear_bytes": {"fp32": weights.linear_bytes(), "int8": qweights.linear_bytes()},
+           "total_bytes": {"fp32": weights.total_bytes(), "int8": qweights.total_bytes()},
+           "tok_s": rates, "default_route": INT8_ROUTE, "max_weight_error": qweights.quant_max_error,
+           "greedy_common_prefix": {r: {"min": min(v), "median": statistics.median(v), "of": n_new,
+                                        "prompts": len(prompts)} for r, v in prefixes.items()}}
+    if val is not None:
+        t0 = time.perf_counter()
+        bpb = {"fp32": validation_bpb(weights, val, tokenizer, val_tokens, seq_len)}
+        for r in INT8_COMPARED:
+            with int8_route(r):
+                bpb[r] = validation_bpb(qweights, val, tokenizer, val_tokens, seq_len)
+        out["val_bpb"] = {**bpb, "val_tokens": val_tokens}
+        say(f"  (validation bpb on {val_tokens:,} tokens, 3 variants, took {time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+# --- table 3: serving ------------------------------------------------------------------------------
+
+
+def make_workload(n: int, max_seq_len: int, prompt_source, seed: int = 0,
+                  max_output: int = 256) -> list[tuple[list[int], int]]:
+    """n (prompt, output length) pairs: prompt 8-128 tokens, output 16-max_output, capped by the context."""
+    rng = np.random.default_rng(seed)
+    work = []
+    for _ in range(n):
+        p = min(int(rng.integers(8, 129)), max_seq_len // 2)
+        o = min(int(rng.integers(min(16, max_output), max_output + 1)), max_seq_len - p)
+        work.append((prompt_source(rng, p), o))
+    return work
+
+
+def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: int, trace=False) -> dict:
+    longest = max(len(p) + n for p, n in work)
+    n_blocks = max_batch * -(-longest // 16)  # room for max_batch of the longest request: no preemption
+    engine = Engine(weights, n_blocks=n_blocks, block_size=16)
+    sched = Scheduler(engine, max_batch=max_batch, max_step_tokens=max_step_tokens, policy=policy,
+                      trace=trace)
+    t0 = time.perf_counter()
+    for prompt, n_out in work:
+        sched.add_request(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True))
+    reqs = {}
+    for out in sched.run():
+        if out.finished:
+            reqs[out.id] = out
+    wall = time.perf_counter() - t0
+    n_tokens = sum(len(o.token_ids) for o in reqs.values())
+    ttft = [o.ttft for o in reqs.values()]
+    tpot = [(o.token_times[-1] - o.token_times[0]) / (len(o.token_times) - 1)
+            for o in reqs.values() if len(o.token_times) > 1]
+    res = {"tok_s": n_tokens / wall, "wall_s": wall, "output_tokens": n_tokens, "steps": sched.n_steps,
+           "preemptions": sched.n_preemptions,
+           "ttft_s": {"p50": float(np.percentile(ttft, 50)), "p95": float(np.percentile(ttft, 95))},
+           "tpot_ms": {"p50": 1e3 * float(np.percentile(tpot, 50)), "p95": 1e3 * float(np.percentile(tpot, 95))},
+           "peak_kv_blocks": engine.cache.manager.peak_blocks_used, "kv_blocks": n_blocks,
+           "outputs": {k: v.token_ids for k, v in reqs.items()}}
+    if trace:
+        res["trace"] = [(t - t0, items) for t, items in sched.trace]
+    return res
+
+
+def bench_serving(weights, work, max_batch: int, max_output: int = 256) -> dict:
+    runs = {
+        "sequential": run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256),
+        "static": run_serving(weights, work, max_batch=max_batch, policy="static",
+                              max_step_tokens=max_batch * 128, trace=True),
+        "continuous": run_serving(weights, work, max_batch=max_batch, policy="continuous",
+                                  max_step_tokens=512, trace=True),
+    }
+    base = runs["sequential"]["outputs"]
+    same = all(r["outputs"] == base for r in runs.values())
+    # The same scheduler on int8 weights with the int8 x int8 route, the fastest at batch > 1 on this
+    # CPU (python -m vol3_inference.quant); its tokens may differ from fp32's, so it is not in `same`.
+    with int8_route("w8a8_dynamic"):
+        runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
+                                              policy="continuous", max_step_tokens=512)
+    for r in runs.values():
+        del r["outputs"]
+    return {"requests": len(work), "max_batch": max_batch, "max_output": max_output,
+            "outputs_identical": same, **runs}
+
+
+# --- printing --------------------------------------------------------------------------------------
+
+
+def print_tables(name: str, r: dict) -> None:
+    say(f"\n=== {name} ===")
+    kv, c = r["kv_bytes_per_token"], r["config"]
+    if "decode" in r:
+        print_decode(r)
+    say(f"  KV cache per token (fp32): {kv['gqa'] / 1024:.1f} KiB with {c['n_kv_heads']} KV heads (GQA), "
+        f"{kv['mha'] / 1024:.1f} KiB as MHA ({c['n_heads']} heads); a full {c['max_seq_len']}-token context: "
+        f"{kv['gqa'] * c['max_seq_len'] / 2**20:.1f} MiB vs {kv['mha'] * c['max_seq_len'] / 2**20:.1f} MiB")
+    if "int8" in r:
+        print_int8(r)
+    if "serving" in r:
+        print_serving(r)
+
+
+def print_decode(r: dict) -> None:
+    d = r["decode"]
+    t = d["tok_s"]
+    say(f"decode, batch 1, fp32, greedy, {d['new_tokens']} new tokens after a {d['prompt_tokens']}-token prompt "
+        f"(median of {r['rounds']} interleaved rounds):")
+    say(f"  {'full recompute':16s} {t['full recompute']:8.1f} tok/s")
+    say(f"  {'KV cache (ours)':16s} {t['KV cache']:8.1f} tok/s   {t['KV cache'] / t['full recompute']:5.2f}x "
+        f"full recompute   {t['KV cache'] / t['HF generate']:5.2f}x HF generate")
+    say(f"  {'HF generate':16s} {t['HF generate']:8.1f} tok/s")
+    say("  (full recompute: one timed run; the others: median of the rounds)")
+    say(f"  greedy tokens: KV cache == full recompute: {d['greedy_equal_naive']}; "
+        f"first {d['greedy_prefix_equal_hf']}/{d['new_tokens']} equal to HF")
+    say(f"  memory roofline: {r['weight_mb']:.1f} MB of fp32 weights per token at {r['bandwidth_gbs']:.1f} GB/s "
+        f"-> {r['roofline_tok_s']:.0f} tok/s")
+
+
+def print_int8(r: dict) -> None:
+    q = r["int8"]
+    lb, tq = q["linear_bytes"], q["tok_s"]
+    say(f"int8 weights, per-channel absmax (max |W - q s| = {q['max_weight_error']:.2e}); default route "
+        f"{q['default_route']}:")
+    say(f"  linear weight bytes: fp32 {lb['fp32'] / 1e6:.2f} MB, int8 {lb['int8'] / 1e6:.2f} MB = "
+        f"{lb['int8'] / lb['fp32']:.3f}x")
+    say(f"  {'':16s} {'decode tok/s':>12s} {'vs fp32':>8s} {'val bpb':>9s} {'vs fp32':>8s} "
+        f"{'greedy = fp32 for first (min/median) tokens':>45s}")
+    b = q.get("val_bpb")
+    for k in ("fp32", *INT8_COMPARED):
+        bpb = f"{b[k]:9.4f} {100 * (b[k] / b['fp32'] - 1):+7.2f}%" if b else f"{'n/a':>9s} {'':8s}"
+        g = q["greedy_common_prefix"].get(k)
+        agree = f"{g['min']}/{g['median']:.0f} of {g['of']} ({g['prompts']} prompts)" if g else "-"
+        say(f"  {k:16s} {tq[k]:12.1f} {tq[k] / tq['fp32']:7.2f}x {bpb} {agree:>45s}")
+    if b:
+        say(f"  (bpb over the first {b['val_tokens']:,} validation tokens, windows of 256)")
+    else:
+        say("  (no validation bpb: random weights)")
+
+
+def print_serving(r: dict) -> None:
+    s, c = r["serving"], r["config"]
+    say(f"serving {s['requests']} requests (prompts 8-128, outputs 16-{s['max_output']} capped at max_seq_len), "
+        f"all queued at t=0, up to {s['max_batch']} running:")
+    say(f"  {'':15s} {'tok/s':>8s} {'vs seq':>7s} {'wall s':>7s} {'steps':>6s} {'TTFT p50/p95 s':>15s} "
+        f"{'TPOT p50/p95 ms':>16s} {'preempt':>7s}")
+    for k in ("sequential", "static", "continuous", "continuous int8"):
+        x = s[k]
+        say(f"  {k:15s} {x['tok_s']:8.1f} {x['tok_s'] / s['sequential']['tok_s']:6.2f}x {x['wall_s']:7.1f} "
+            f"{x['steps']:6d} {x['ttft_s']['p50']:7.2f}/{x['ttft_s']['p95']:<7.2f} "
+            f"{x['tpot_ms']['p50']:7.1f}/{x['tpot_ms']['p95']:<8.1f} {x['preemptions']:7d}")
+    say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
+        f"tokens identical across the three fp32 runs: {s['outputs_identical']}; 'continuous int8' = "
+        f"int8 weights, route w8a8_dynamic")
+    x = s["continuous"]
+    say(f"  paged KV cache, continuous: peak {x['peak_kv_blocks']} of {x['kv_blocks']} blocks of 16 tokens "
+        f"in use ({100 * x['peak_kv_blocks'] / x['kv_blocks']:.0f}%); a contiguous cache reserves "
+        f"max_batch x max_seq_len = {s['max_batch'] * c['max_seq_len']:,} token slots, the paged peak held "
+        f"{x['peak_kv_blocks'] * 16:,}")
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+
+def draw_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    fig, axes = plt.subplots(len(names), 3, figsize=(13, 3.6 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        r = results["models"][name]
+        panels = []
+        if "decode" in r:
+            panels.append(("decode tok/s, batch 1", r["decode"]["tok_s"]))
+        if "int8" in r:
+            panels.append(("int8 routes vs fp32, decode tok/s", r["int8"]["tok_s"]))
+        if "serving" in r:
+            panels.append((f"serving tok/s ({r['serving']['requests']} requests)",
+                           {k: r["serving"][k]["tok_s"]
+                            for k in ("sequential", "static", "continuous", "continuous int8")}))
+        for ax, (title, vals) in zip(axes[row], panels, strict=False):
+            bars = ax.bar(list(vals), list(vals.values()), color=["#999", "#2a7", "#47c", "#c64"][:len(vals)])
+            ax.bar_label(bars, fmt="%.0f")
+            ax.tick_params(axis="x", labelsize=8)
+            ax.set_title(f"{name}: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_timeline(serving: dict, path: Path, title: str) -> None:
+    """Rows = requests, x = time; orange = prefill work in a step, blue = decode, for both policies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    for ax, policy in zip(axes, ("static", "continuous"), strict=True):
+        trace = serving[policy]["trace"]
+        prev = 0.0
+        for t, items in trace:
+            for rid, _n, kind in items:
+                ax.barh(rid, t - prev, left=prev, height=0.8, linewidth=0,
+                        color="#e83" if kind == "prefill" else "#47c")
+            prev = t
+        x = serving[policy]
+        ax.set_title(f"{policy} batching: {x['tok_s']:.0f} tok/s, {x['steps']} steps, "
+                     f"TTFT p50 {x['ttft_s']['p50']:.2f} s", fontsize=10)
+        ax.set_ylabel("request")
+        ax.invert_yaxis()
+    axes[1].set_xlabel("seconds since all requests arrived (orange: prefill, blue: decode)")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, val, args, out_dir,
+                n_new: int, n_requests: int, max_batch: int, max_output: int, agree_prompts: int) -> dict:
+    rng = np.random.default_rng(1)
+    prompt = prompt_source(rng, 16)
+    res = {"config": weights.config.to_dict(), "rounds": args.rounds}
+    res["weight_mb"] = weights.total_bytes() / 1e6
+    res["bandwidth_gbs"] = args.bandwidth
+    res["roofline_tok_s"] = args.bandwidth * 1e9 / weights.total_bytes()
+    res["kv_bytes_per_token"] = {"gqa": kv_bytes_per_token(weights.config), "mha": kv_bytes_per_token(
+        weights.config, layout="mha")}
+    if "decode" in args.sections:
+        say(f"\n[{name}] exporting to Hugging Face format and loading LlamaForCausalLM ...")
+        hf = hf_model(model, out_dir / f"hf-{name.split()[0]}", tokenizer_dict)  # hf-trained, hf-seed512
+        say(f"[{name}] decode at batch 1 ...")
+        res["decode"] = bench_decode(model, weights, hf, prompt, n_new, args.rounds)
+        del hf
+    prompts = [prompt_source(rng, 32) for _ in range(agree_prompts)]
+    if "int8" in args.sections:
+        say(f"[{name}] int8 ...")
+        res["int8"] = bench_int8(weights, weights.quantize(), prompts, n_new, args.rounds, val, tokenizer,
+                                 args.val_tokens, min(256, weights.config.max_seq_len))
+    if "serving" in args.sections:
+        say(f"[{name}] serving {n_requests} requests ...")
+        work = make_workload(n_requests, weights.config.max_seq_len, prompt_source, max_output=max_output)
+        res["serving"] = bench_serving(weights, work, max_batch, max_output)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m vol3_inference.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="trained checkpoint (trained first if missing)")
+    p.add_argument("--no-train", action="store_true", help="skip the trained model if it is missing")
+    p.add_argument("--models", default="trained,seed512", help="comma-separated: trained, seed512")
+    p.add_argument("--sections", default="decode,int8,serving", help="comma-separated: decode, int8, serving")
+    p.add_argument("--threads", default="auto",
+                   help="torch intra-op threads for every variant, or 'auto': time 1 vs 2 and keep the faster")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per decode measurement (trained)")
+    p.add_argument("--requests", type=int, default=64, help="requests in the serving workload (trained)")
+    p.add_argument("--seed512-new-tokens", type=int, default=64, help="--new-tokens for seed512")
+    p.add_argument("--seed512-requests", type=int, default=16,
+                   help="--requests for seed512 (its one-at-a-time baseline runs at ~30 tok/s, so 64 requests "
+                        "would take most of the 5-minute budget by themselves)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="batch slots (= KV memory) for static and continuous batching (trained)")
+    p.add_argument("--seed512-max-batch", type=int, default=4, help="--max-batch for seed512")
+    p.add_argument("--seed512-max-output", type=int, default=128,
+                   help="longest output of the seed512 serving workload (256 for the trained model)")
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (see engine.tune_allocator)")
+    p.add_argument("--val-tokens", type=int, default=16384, help="validation tokens scored for bpb")
+    p.add_argument("--agree-prompts", type=int, default=8, help="validation prompts for int8 agreement")
+    p.add_argument("--out", default="runs/bench", help="output folder")
+    args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - {"trained", "seed512"}:
+        return fail(f"--models takes trained and/or seed512, got {args.models!r}")
+    for flag in ("rounds", "new_tokens", "requests", "max_batch", "val_tokens", "agree_prompts",
+                 "seed512_new_tokens", "seed512_requests", "seed512_max_batch", "seed512_max_output"):
+        if getattr(args, flag) < 1:
+            return fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    if not args.sections or set(args.sections) - {"decode", "int8", "serving"}:
+        return fail(f"--sections takes decode, int8 and/or serving, got {args.sections!r}")
+    if args.threads == "auto":
+        args.threads, thread_times = pick_threads()
+        say("threads: " + ", ".join(f"{n}: {1e3 * t:.1f} ms" for n, t in thread_times.items())
+            + f" for a matmul probe -> using {args.threads}")
+    elif not args.threads.isdigit() or int(args.threads) < 1:
+        return fail(f"--threads must be a positive integer or 'auto', got {args.threads!r}")
+    args.threads = int(args.threads)
+    torch.set_num_threads(args.threads)
+    malloc_tuned = not args.no_tune_malloc and tune_allocator()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    args.bandwidth = memory_bandwidth_gbs()
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "threads": args.threads, "torch": torch.__version__, "malloc_tuned": malloc_tuned,
+                           "read_bandwidth_gbs": args.bandwidth},
+               "models": {}}
+    say(f"torch {torch.__version__}, {args.threads} thread(s), read bandwidth {args.bandwidth:.1f} GB/s, "
+        f"int8 route {INT8_ROUTE}, glibc malloc thresholds raised: {malloc_tuned}")
+
+    if "trained" in models and ensure_trained(Path(args.ckpt), not args.no_train):
+        from shared.tokenizer import Tokenizer
+        from vol2_torch.hf import load_transformer
+
+        model, tok_dict = load_transformer(args.ckpt)
+        tokenizer = Tokenizer.from_dict(tok_dict)
+        val = validation_tokens(tokenizer)
+
+        def val_prompt(rng, n, val=val):
+            start = int(rng.integers(0, len(val) - n))
+            return [int(t) for t in val[start:start + n]]
+
+        name = f"trained ({Path(args.ckpt)})"
+        res = bench_model(name, model, ModelWeights.from_model(model), tok_dict, tokenizer, val_prompt,
+                          val, args, out_dir, args.new_tokens, args.requests, args.max_batch, 256,
+                          args.agree_prompts)
+        results["models"][name] = res
+        print_tables(name, res)
+        if "serving" in res:
+            draw_timeline(res["serving"], out_dir / "vol3_timeline.png",
+                          f"{name}: {args.requests} requests, {args.max_batch} batch slots")
+    if "seed512" in models:
+        torch.manual_seed(0)
+        model = Transformer(get_preset("seed512")).eval()
+        V = model.config.vocab_size
+
+        def rand_prompt(rng, n):
+            return [int(t) for t in rng.integers(0, V, n)]
+
+        name = "seed512 (random weights)"
+        res = bench_model(name, model, ModelWeights.from_model(model), None, None, rand_prompt, None, args,
+                          out_dir, args.seed512_new_tokens, args.seed512_requests, args.seed512_max_batch,
+                          args.seed512_max_output, 2)
+        results["models"][name] = res
+        print_tables(name, res)
+        if len(results["models"]) == 1 and "serving" in res:  # the timeline shows the trained model if any
+            draw_timeline(res["serving"], out_dir / "vol3_timeline.png",
+                          f"{name}: {args.seed512_requests} requests, {args.seed512_max_batch} batch slots")
+    if not results["models"]:
+        return fail("no model was benchmarked (the trained checkpoint is missing and --models has only 'trained')")
+    for r in results["models"].values():  # traces are for the picture, not the JSON
+        for k in ("static", "continuous"):
+            r.get("serving", {}).get(k, {}).pop("trace", None)
+    results["wall_s"] = time.perf_counter() - t_start
+    (out_dir / "vol3.json").write_text(json.dumps(results, indent=2) + "\n")
+    draw_chart(results, out_dir / "vol3.png")
+    wrote = [out_dir / "vol3.json", out_dir / "vol3.png"]
+    if any("serving" in r for r in results["models"].values()):
+        wrote.append(out_dir / "vol3_timeline.png")
+    say(f"\nwrote {', '.join(map(str, wrote))} in {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

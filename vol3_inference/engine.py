@@ -1,0 +1,392 @@
+"""The inference engine: LLaMA's forward over a ragged batch of sequences, reading a paged KV cache.
+
+Prefill and decode. Serving a prompt has two phases. *Prefill* runs the whole prompt (T tokens) through
+the model at once: every weight matrix is multiplied by T rows, so it is compute-bound. *Decode* then
+produces one token per step: every weight is read from memory to multiply a single row, so at batch 1
+it is memory-bound (or, for small models on a CPU, bound by per-op overhead). Batching decode steps of
+many sequences multiplies each weight by many rows for one read, which is where serving throughput
+comes from (see `scheduler.py`).
+
+One forward serves both. `Engine.forward(chunks)` takes any mix of work items `Chunk(seq, tokens,
+start_pos)`: a decode step is a chunk of one token, a prefill a chunk of many (a long prompt may be
+split into several chunks over several steps). All tokens are flattened into one (N, D) matrix for
+the linear layers; attention is the only op that needs to know which sequence a row belongs to:
+decode rows go through one batched paged-attention call, each prefill chunk through causal attention
+over its own cached prefix.
+
+Weights are held as plain tensors under fused names: wqkv = [wq; wk; wv] (one matmul instead of three)
+and w13 = [w1; w3] (gate and up). Fusing changes nothing numerically per output element.
+
+`generate_naive` is the reference the engine is tested against: it reruns the Volume 2 `Transformer`
+on the whole sequence for every new token.
+
+Shape legend: N tokens in the step, B sequences, T chunk length, D model dim, H query heads,
+Hkv KV heads, hd head dim, F FFN hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shared.config import ModelConfig
+from vol2_torch.model import precompute_rope
+from vol3_inference.kv_cache import OutOfBlocks, PagedKVCache
+from vol3_inference.ops import get_ops
+from vol3_inference.quant import Int8Weight, quantize_int8
+from vol3_inference.sampling import SamplingParams, make_generator, sample_token
+
+Weight = torch.Tensor | Int8Weight
+DECODE_GROUPS = 3  # most batched decode-attention calls per layer (see Engine.forward)
+DECODE_GROUP_MIN = 8  # fewest sequences worth a call of their own
+
+
+@dataclass
+class LayerWeights:
+    attention_norm: torch.Tensor  # (D,)
+    wqkv: Weight  # ((H + 2 Hkv) hd, D)
+    wo: Weight  # (D, H hd)
+    ffn_norm: torch.Tensor  # (D,)
+    w13: Weight  # (2F, D): rows [0, F) gate (w1), [F, 2F) up (w3)
+    w2: Weight  # (D, F)
+
+
+@dataclass
+class ModelWeights:
+    """The model's weights, fused and cast for inference. `output` is the LM head (V, D); with tied
+    embeddings it is the same object as `tok_embeddings`."""
+
+    config: ModelConfig
+    tok_embeddings: Weight  # (V, D)
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # (D,)
+    output: Weight  # (V, D)
+    dtype: torch.dtype
+    quant: str | None = None
+    quant_max_error: float = 0.0
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], config: ModelConfig,
+                        dtype: torch.dtype = torch.float32) -> ModelWeights:
+        """From Meta-named tensors (a Volume 2 `state_dict()` or checkpoint); `output.weight` may be
+        absent when embeddings are tied."""
+        def get(name):
+            return state[name].detach().to(dtype).contiguous()
+
+        layers = []
+        for i in range(config.n_layers):
+            p = f"layers.{i}."
+            layers.append(LayerWeights(
+                attention_norm=get(p + "attention_norm.weight"),
+                wqkv=torch.cat([get(p + f"attention.{n}.weight") for n in ("wq", "wk", "wv")]),
+                wo=get(p + "attention.wo.weight"),
+                ffn_norm=get(p + "ffn_norm.weight"),
+                w13=torch.cat([get(p + "feed_forward.w1.weight"), get(p + "feed_forward.w3.weight")]),
+                w2=get(p + "feed_forward.w2.weight")))
+        emb = get("tok_embeddings.weight")
+        out = emb if config.tie_embeddings else get("output.weight")
+        return cls(config, emb, layers, get("norm.weight"), out, dtype)
+
+    @classmethod
+    def from_model(cls, model, dtype: torch.dtype | None = None) -> ModelWeights:
+        """From a Volume 2 `Transformer` (weights are copied; the model is left as it is)."""
+        dtype = dtype or next(model.parameters()).dtype
+        return cls.from_state_dict(model.state_dict(), model.config, dtype)
+
+    def quantize(self, lm_head: bool = True) -> ModelWeights:
+        """A copy with every linear weight int8 (per-channel absmax, see quant.py); norms stay float.
+
+        With `lm_head`, the LM head is quantized too, and with tied embeddings the embedding lookup
+        reads the same int8 rows (row r of the LM head is token r's embedding, and its scale is that
+        row's scale). `quant_max_error` records the largest |W - q s| over all quantized weights.
+        """
+        errs = []
+
+        def q(w):
+            qw, err = quantize_int8(w)
+            errs.append(err)
+            return qw
+
+        layers = [LayerWeights(L.attention_norm, q(L.wqkv), q(L.wo), L.ffn_norm, q(L.w13), q(L.w2))
+                  for L in self.layers]
+        emb, out = self.tok_embeddings, self.output
+        if lm_head:
+            out = q(out)
+            emb = out if self.config.tie_embeddings else emb
+        return ModelWeights(self.config, emb, layers, self.norm, out, self.dtype,
+                            quant="int8" + ("" if lm_head else "-body"), quant_max_error=max(errs))
+
+    def linear_bytes(self) -> int:
+        """Bytes of the weights the linear layers read (per-layer matrices and the LM head)."""
+        def nb(w):
+            return w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size()
+        return sum(nb(w) for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2)) + nb(self.output)
+
+    def total_bytes(self) -> int:
+        def nb(w):
+            return w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size()
+        seen, total = set(), 0
+        for w in [self.tok_embeddings, self.output, self.norm] + [
+                w for L in self.layers for w in (L.attention_norm, L.wqkv, L.wo, L.ffn_norm, L.w13, L.w2)]:
+            if id(w) not in seen:
+                seen.add(id(w))
+                total += nb(w)
+        return total
+
+
+@dataclass
+class Chunk:
+    """Work for one sequence in one step: `tokens` at absolute positions start_pos, start_pos+1, ..."""
+
+    seq: Hashable
+    tokens: Sequence[int]
+    start_pos: int
+
+
+class Engine:
+    """Runs `ModelWeights` over chunks of many sequences, with a `PagedKVCache`.
+
+    Args:
+        weights: the model.
+        n_blocks / block_size: cache geometry; default room for 4 full-length sequences.
+        backend: op set from `ops.BACKENDS` ("torch").
+    """
+
+    def __init__(self, weights: ModelWeights, n_blocks: int | None = None, block_size: int = 16,
+                 backend: str = "torch"):
+        c = weights.config
+        self.weights, self.config, self.backend = weights, c, backend
+        self.ops = get_ops(backend)
+        n_blocks = n_blocks or 4 * -(-c.max_seq_len // block_size)
+        self.cache = PagedKVCache(c, n_blocks, block_size, dtype=weights.dtype)
+        cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
+        real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
+        self.rope_freqs = torch.complex(cos.to(real), sin.to(real))  # cos + i sin, (max_seq_len, hd/2)
+        self._ids = itertools.count()
+
+    # --- the forward ---------------------------------------------------------------------------
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.weights.tok_embeddings
+        if isinstance(e, Int8Weight):
+            return e.q[tokens].to(self.weights.dtype) * e.scale[tokens, None].to(self.weights.dtype)
+        return e[tokens]  # (N, D)
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk], all_logits: bool = False) -> list[torch.Tensor]:
+        """Run one step: append every chunk's tokens to its sequence's cache and return logits.
+
+        Each chunk's `start_pos` must equal the number of tokens its sequence has cached, and a
+        sequence may appear once per step. Returns, per chunk in the given order, the logits of its
+        last token (V,) or, with `all_logits`, of all its tokens (T, V), in the weights' dtype.
+        Raises:
+            OutOfBlocks: the cache cannot hold the new tokens (nothing is changed).
+            ValueError: a start_pos that does not match the cache, a repeated sequence, an empty
+                chunk, or positions past max_seq_len.
+        """
+        c, ops, mgr = self.config, self.ops, self.cache.manager
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        seqs = [ch.seq for ch in chunks]
+        if len(set(seqs)) != len(seqs):
+            raise ValueError("a sequence appears twice in one step")
+        for ch in chunks:
+            if len(ch.tokens) == 0:
+                raise ValueError(f"sequence {ch.seq!r}: empty chunk")
+            if self.cache.length(ch.seq) != ch.start_pos:
+                raise ValueError(f"sequence {ch.seq!r}: start_pos {ch.start_pos} but "
+                                 f"{self.cache.length(ch.seq)} tokens are cached")
+            if ch.start_pos + len(ch.tokens) > c.max_seq_len:
+                raise ValueError(f"sequence {ch.seq!r}: {ch.start_pos + len(ch.tokens)} tokens exceed "
+                                 f"max_seq_len={c.max_seq_len}")
+        need = sum(mgr.blocks_needed(ch.seq, len(ch.tokens)) for ch in chunks)
+        if need > len(mgr.free):
+            raise OutOfBlocks(f"this step needs {need} blocks, {len(mgr.free)} free")
+
+        # Decode chunks first, shortest context first (contiguous rows for batched attention), then
+        # prefill chunks.
+        order = sorted(range(len(chunks)), key=lambda i: (not self._is_decode(chunks[i]), chunks[i].start_pos))
+        chunks = [chunks[i] for i in order]
+        n_dec = sum(self._is_decode(ch) for ch in chunks)
+        tokens, positions, slots = [], [], []
+        for ch in chunks:
+            tokens.extend(ch.tokens)
+            positions.extend(range(ch.start_pos, ch.start_pos + len(ch.tokens)))
+            slots.extend(mgr.append(ch.seq, len(ch.tokens)))
+        N = len(tokens)
+        tok = torch.tensor(tokens, dtype=torch.long)
+        pos = torch.tensor(positions, dtype=torch.long)
+        slot = torch.tensor(slots, dtype=torch.long)
+        freqs = self.rope_freqs[pos]  # (N, hd/2) complex
+        # Batched decode attention pads every sequence to the longest one in its call. Mixing short and
+        # long contexts (what continuous batching does) would waste up to half of that work, so the
+        # decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar lengths.
+        dec_groups = []  # (first row, end row, block tables (b, width), context lengths (b,))
+        n_groups = min(DECODE_GROUPS, -(-n_dec // DECODE_GROUP_MIN))
+        for g in range(n_groups):
+            r0, r1 = g * n_dec // n_groups, (g + 1) * n_dec // n_groups
+            tables = [mgr.tables[ch.seq] for ch in chunks[r0:r1]]
+            width = max(map(len, tables))
+            dec_groups.append((r0, r1, torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
+                               torch.tensor([ch.start_pos + 1 for ch in chunks[r0:r1]], dtype=torch.long)))
+        prefills, row = [], n_dec  # (first row, T, start_pos, block table)
+        for ch in chunks[n_dec:]:
+            prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq)))
+            row += len(ch.tokens)
+
+        x = self._embed(tok)  # (N, D)
+        for li, L in enumerate(self.weights.layers):
+            kc, vc = self.cache.k[li], self.cache.v[li]  # (NB, bs, Hkv, hd)
+            h = ops.rmsnorm(x, L.attention_norm, c.norm_eps)
+            qkv = ops.linear(h, L.wqkv)  # (N, (H + 2 Hkv) hd)
+            q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+            q = ops.rope(q.reshape(N, H, hd), freqs)  # (N, H, hd)
+            k = ops.rope(k.reshape(N, Hkv, hd), freqs)  # (N, Hkv, hd)
+            v = v.reshape(N, Hkv, hd)
+            ops.write_kv(kc, vc, slot, k, v)
+            if not prefills and n_groups == 1:
+                attn = ops.decode_attention(q, kc, vc, dec_groups[0][2], dec_groups[0][3])  # (N, H, hd)
+            else:
+                attn = torch.empty_like(q)
+                for r0, r1, tables, lens in dec_groups:
+                    attn[r0:r1] = ops.decode_attention(q[r0:r1], kc, vc, tables, lens)
+                for r, T, start, table in prefills:
+                    attn[r:r + T] = ops.prefill_attention(q[r:r + T], kc, vc, table, start,
+                                                          k[r:r + T], v[r:r + T])
+            x = x + ops.linear(attn.reshape(N, H * hd), L.wo)  # (N, D)
+            h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
+            x = x + ops.linear(ops.swiglu(ops.linear(h, L.w13)), L.w2)  # (N, 2F) -> (N, F) -> (N, D)
+
+        if all_logits:
+            logits = ops.linear(ops.rmsnorm(x, self.weights.norm, c.norm_eps), self.weights.output)  # (N, V)
+            bounds = list(itertools.accumulate([len(ch.tokens) for ch in chunks], initial=0))
+            outs = [logits[a:b] for a, b in itertools.pairwise(bounds)]
+        else:
+            last = torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long) - 1
+            h = ops.rmsnorm(x[last], self.weights.norm, c.norm_eps)  # (B, D)
+            outs = list(ops.linear(h, self.weights.output).unbind(0))  # B x (V,)
+        result: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
+        for j, i in enumerate(order):
+            result[i] = outs[j]
+        return result
+
+    @staticmethod
+    def _is_decode(ch: Chunk) -> bool:
+        return len(ch.tokens) == 1 and ch.start_pos > 0
+
+    def release(self, seq: Hashable) -> None:
+        """Free a sequence's cache blocks (it finished, or is preempted)."""
+        self.cache.manager.release(seq)
+
+    # --- one request at a time -----------------------------------------------------------------
+
+    def prefill(self, seq: Hashable, prompt: Sequence[int], chunk_size: int | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Prefill `prompt` for a new sequence, in chunks of `chunk_size` tokens (default: at once).
+
+        Returns the last token's logits (V,), or with `all_logits` every position's (T, V).
+        """
+        chunk_size = chunk_size or len(prompt)
+        outs = []
+        for s in range(0, len(prompt), chunk_size):
+            outs.append(self.forward([Chunk(seq, prompt[s:s + chunk_size], s)], all_logits)[0])
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                 chunk_size: int | None = None, eos_id: int | None = None) -> list[int]:
+        """Prefill then decode one request; returns the new token ids (stop token included).
+
+        Stops after `params.max_tokens`, at a stop token (or `eos_id` unless ignore_eos) or when the
+        context is full. Stop strings need a tokenizer: use `scheduler.LLM`.
+        """
+        params = params or SamplingParams()
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if len(prompt) >= self.config.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len={self.config.max_seq_len}")
+        seq = ("generate", next(self._ids))
+        gen = make_generator(params.seed)
+        stops = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+        seen = list(prompt)
+        out: list[int] = []
+        try:
+            logits = self.prefill(seq, list(prompt), chunk_size)
+            while True:
+                tok = sample_token(logits, params, gen, torch.tensor(seen) if params.repetition_penalty != 1 else None)
+                out.append(tok)
+                seen.append(tok)
+                if tok in stops or len(out) >= params.max_tokens or len(seen) >= self.config.max_seq_len:
+                    return out
+                logits = self.forward([Chunk(seq, [tok], len(seen) - 1)])[0]
+        finally:
+            self.release(seq)
+
+
+def tune_allocator(threshold: int = 32 * 2**20) -> bool:
+    """Make glibc keep freed buffers of up to `threshold` bytes (max 32 MiB) for reuse.
+
+    A decode step allocates megabytes of temporaries per layer (the gathered K/V blocks, attention
+    scores). By default glibc serves such sizes with fresh mmap()s and unmaps them on free, so every
+    step pays page faults to zero-fill new pages; under memory pressure that cost rivaled the matmuls
+    (measured: continuous batching 1.6x faster with this on, see the chapter). Raising the mmap and
+    trim thresholds keeps the pages in the heap. Process-wide, so it is called by the command-line
+    entry points, not on import. Returns False where it does not apply (not glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 4 * threshold))
+
+
+def pick_threads(candidates: Sequence[int] | None = None, rounds: int = 7) -> tuple[int, dict[int, float]]:
+    """The intra-op thread count that runs a decode-sized and a batch-sized matmul fastest right now.
+
+    On a shared 2-core machine a second OpenMP thread helps only when the other core is idle; when
+    another process holds it, every multi-threaded op waits for a descheduled worker (measured here:
+    2 threads 10-30x slower than 1 under load). Timed interleaved, median of `rounds`.
+    """
+    candidates = candidates or sorted({1, min(2, os.cpu_count() or 1)})
+    w, x1, x32 = torch.randn(1536, 512), torch.randn(1, 512), torch.randn(32, 512)
+    times: dict[int, list[float]] = {n: [] for n in candidates}
+    for _ in range(rounds):
+        for n in candidates:
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                torch.nn.functional.linear(x1, w)
+                torch.nn.functional.linear(x32, w)
+            times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return min(med, key=med.get), med
+
+
+@torch.inference_mode()
+def generate_naive(model, prompt: Sequence[int], max_new_tokens: int,
+                   params: SamplingParams | None = None, eos_id: int | None = None) -> list[int]:
+    """The reference: rerun the Volume 2 `Transformer` over the whole sequence for every new token.
+
+    O(S^2) work per sequence instead of the cache's O(S); kept as the baseline every engine variant is
+    tested against. Same sampling and stopping rules as `Engine.generate`.
+    """
+    params = params or SamplingParams(max_tokens=max_new_tokens)
+    gen = make_generator(params.seed)
+    stops = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+    seq = list(prompt)
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        logits = model(torch.tensor([seq]))[0, -1]  # (V,)
+        tok = sample_token(logits, params, gen, torch.tensor(seq) if params.repetition_penalty != 1 else None)
+        out.append(tok)
+        seq.append(tok)
+        if tok in stops or len(seq) >= model.config.max_seq_len:
+            break
+    return out

@@ -1,0 +1,203 @@
+"""int8 weight-only quantization: symmetric, per output channel, absmax.
+
+For a linear weight W (out, in), each output channel (row) r gets its own scale
+
+    s_r = max_j |W_rj| / 127,        q_rj = round(W_rj / s_r)  in [-127, 127]  (int8),
+
+and W is replaced by q and s (Jacob et al. 2018, "Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference", section 2, with zero point 0; the weight-only scheme of
+gpt-fast and llama2.c's `export.py`). Rounding to nearest puts every reconstructed weight s_r q_rj
+within s_r / 2 of W_rj, and `quantize_int8` returns the largest error it actually made so a caller
+can check that bound. Storage per weight drops from 4 bytes (fp32) to 1 byte plus one scale per row:
+(in + 4) / (4 in) of the fp32 bytes, 0.2520x for in = 288 or 512.
+
+Using the weights. y = x W^T = (x q^T) * s, because the scale is per output column of y: the matmul
+runs on int8 weights and the scale multiplies its output. How that matmul is computed is a
+measurement question on each CPU, answered in `INT8_ROUTES` and `python -m vol3_inference.quant`:
+
+    "dequant"   reference: W' = q * s in float, then F.linear. Plain and obviously right; it
+                re-materializes the float matrix on every call, so it is never the fast route.
+    "int8pack"  torch._weight_int8pack_mm(x, q, s): an ATen kernel that reads int8 weights and
+                converts them in registers; activations in the model dtype.
+    "int8pack_bf16"  the same kernel fed bf16 activations: on this AVX2 CPU its fast path (the fp32
+                path is 5-20x slower than fp32 F.linear). Activations and outputs are rounded to bf16
+                (8 significant bits), an error comparable to the weights' own.
+    "w8a8_dynamic"  not weight-only: fbgemm's int8 x int8 GEMM, activations quantized per tensor on
+                the fly. Fastest, especially at batch > 1, but the activation rounding is coarser.
+
+`int8_linear` uses the module-level `INT8_ROUTE`, chosen by measurement (see the chapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Int8Weight:
+    """A quantized linear weight: q (out, in) int8 and scale (out,) float32; W ~= q * scale[:, None]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    _fbgemm: object = field(default=None, repr=False, compare=False)  # packed copy for "w8a8_dynamic"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight q * scale (out, in) this int8 weight stands for."""
+        return self.q.to(dtype) * self.scale.to(dtype)[:, None]
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[Int8Weight, float]:
+    """Quantize a float weight (out, in) per output channel; return (Int8Weight, max |W - q s|).
+
+    An all-zero row gets scale 1 (its q is 0, so it reconstructs exactly).
+    Raises ValueError for a weight that is not 2-D or not floating point.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_int8 expects a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
+    wf = w.detach().float()
+    absmax = wf.abs().amax(dim=1)  # (out,)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))  # (out,)
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+    qw = Int8Weight(q.contiguous(), scale.contiguous())
+    max_err = (qw.dequantize() - wf).abs().max().item()
+    return qw, max_err
+
+
+def _dequant(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    return F.linear(x, w.dequantize(x.dtype))
+
+
+def _int8pack(x: torch.Tensor, w: Int8Weight, act_dtype: torch.dtype | None = None) -> torch.Tensor:
+    act_dtype = act_dtype or x.dtype
+    # The kernel takes fp32/bf16/fp16 activations; with bf16 it segfaults (torch 2.13, AVX2) unless
+    # in_features is a multiple of 8, so other shapes take the reference route.
+    if act_dtype not in (torch.float32, torch.bfloat16, torch.float16) or w.q.shape[1] % 8:
+        return _dequant(x, w)
+    shape = x.shape
+    y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(act_dtype), w.q, w.scale.to(act_dtype))
+    return y.view(*shape[:-1], -1).to(x.dtype)
+
+
+def _int8pack_bf16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    return _int8pack(x, w, torch.bfloat16)
+
+
+def _w8a8_dynamic(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    # fbgemm's int8 x int8 GEMM: activations are quantized on the fly, per tensor, to 7 bits
+    # ("reduce_range", which avoids int16 overflow in AVX2's vpmaddubsw), the int32 result rescaled.
+    if x.dtype != torch.float32:
+        return _dequant(x, w)
+    packed = w._fbgemm
+    if packed is None:
+        with warnings.catch_warnings():  # quantized tensor types are deprecated, the op is not
+            warnings.simplefilter("ignore")
+            qt = torch._make_per_channel_quantized_tensor(
+                w.q, w.scale.double(), torch.zeros_like(w.scale, dtype=torch.long), 0)
+            packed = w._fbgemm = torch.ops.quantized.linear_prepack(qt, None)
+    shape = x.shape
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), packed, True)
+    return y.view(*shape[:-1], -1)
+
+
+INT8_ROUTES = {"dequant": _dequant, "int8pack": _int8pack, "int8pack_bf16": _int8pack_bf16,
+               "w8a8_dynamic": _w8a8_dynamic}
+INT8_ROUTE = "int8pack_bf16"  # chosen by measurement on this machine (see README, "int8 weights")
+
+
+@contextlib.contextmanager
+def int8_route(route: str):
+    """Temporarily make `route` the default for `int8_linear` (the benchmark compares routes)."""
+    global INT8_ROUTE
+    if route not in INT8_ROUTES:
+        raise ValueError(f"unknown int8 route {route!r}; choose one of: {', '.join(INT8_ROUTES)}")
+    saved, INT8_ROUTE = INT8_ROUTE, route
+    try:
+        yield
+    finally:
+        INT8_ROUTE = saved
+
+
+def int8_linear(x: torch.Tensor, w: Int8Weight, route: str | None = None) -> torch.Tensor:
+    """y = x @ (q * s)^T for x (..., in) -> (..., out), by `route` (default: `INT8_ROUTE`)."""
+    try:
+        fn = INT8_ROUTES[route or INT8_ROUTE]
+    except KeyError:
+        raise ValueError(f"unknown int8 route {route!r}; choose one of: {', '.join(INT8_ROUTES)}") from None
+    return fn(x, w)
+
+
+# --- measuring the routes ------------------------------------------------------------------------
+
+
+def time_interleaved(fns: dict, rounds: int = 15, reps: int = 3) -> dict[str, float]:
+    """Median seconds per call of each fn, timed round-robin in one process so that load from other
+    processes hits every variant alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / reps)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vol3_inference.quant",
+        description="Time the int8 linear routes against fp32 F.linear on this CPU (interleaved medians).")
+    parser.add_argument("--shapes", default="1024x512,2752x512,512x1376,32000x512,4096x4096",
+                        help="comma-separated OUTxIN weight shapes (default: seed512's fused linears, "
+                             "its LM head, and 4096x4096)")
+    parser.add_argument("--batch", default="1,16", help="comma-separated activation rows M")
+    parser.add_argument("--rounds", type=int, default=9, help="timing rounds per variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        print("error: --shapes must look like 1024x512,... and --batch like 1,16", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per call (median), "
+          f"speed-up vs fp32 in brackets; err = max |y - y_dequant| (the route's own error)")
+    for (n_out, n_in) in shapes:
+        w = torch.randn(n_out, n_in) * 0.02
+        qw, _ = quantize_int8(w)
+        for m in batches:
+            x = torch.randn(m, n_in)
+            fns = {"fp32": lambda x=x, w=w: F.linear(x, w)}
+            fns.update({r: (lambda x=x, r=r, qw=qw: int8_linear(x, qw, r)) for r in INT8_ROUTES})
+            t = time_interleaved(fns, rounds=args.rounds, reps=1 if n_out * n_in > 4e6 else 3)
+            ref = _dequant(x, qw)
+            errs = {r: (int8_linear(x, qw, r) - ref).abs().max().item() for r in INT8_ROUTES}
+            w_err = (ref - F.linear(x, w)).abs().max().item()
+            cells = [f"fp32 {t['fp32'] * 1e3:.3f} (int8 weights alone move y by {w_err:.1e})"] + [
+                f"{r} {t[r] * 1e3:.3f} ({t['fp32'] / t[r]:.2f}x, err {errs[r]:.1e})" for r in INT8_ROUTES]
+            print(f"{n_out}x{n_in} M={m}: " + " | ".join(cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Turning next-token logits into a token: greedy, temperature, top-k, top-p, repetition penalty.
+
+Given logits z (V,) for the next token, in this order:
+
+1. repetition penalty p (Keskar et al. 2019, "CTRL", section 4.1): for every token already in the
+   prompt or output, z_i <- z_i / p if z_i > 0 else z_i * p. Dividing a *negative* logit by p > 1
+   would raise it (make the token more likely); multiplying lowers it, which is what is meant.
+2. temperature t: t == 0 means greedy (argmax, no randomness); otherwise z <- z / t.
+3. top-k: keep the k largest logits (k = 0: all).
+4. top-p, nucleus sampling (Holtzman et al. 2020, section 3.1): keep the smallest set of most likely
+   tokens whose probability mass reaches p (the most likely token always stays).
+5. draw from softmax(z) with the request's own `torch.Generator`, seeded by `seed`: a seeded request
+   makes the same draws whether it runs alone or in a batch, since no other request touches its
+   generator.
+
+Stopping (checked by the caller after each token): `max_tokens` new tokens, a token in
+`stop_token_ids` (the eos id too unless `ignore_eos`), or a string in `stop` appearing in the output
+text (the text is cut before it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request (defaults: greedy, 16 new tokens).
+
+    Raises ValueError naming the field for an invalid value (see `validate`).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str):
+            raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+
+        if not _is_real(self.temperature) or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if self.seed is not None and not _is_int(self.seed):
+            bad("seed", "must be an integer or None")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A private CPU generator: seeded if `seed` is given, else from fresh OS entropy."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (V,) with z_i / p for seen positive z_i and z_i * p for seen negative ones (a copy)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    z = logits.clone()
+    picked = z[seen]
+    z[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return z
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (V,) with everything outside the top-k and the top-p nucleus set to -inf (a copy)."""
+    z = logits.clone()
+    if 0 < top_k < z.numel():
+        kth = torch.topk(z, top_k).values[-1]
+        z[z < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, descending=True)
+        probs = torch.softmax(sorted_z.double(), dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
+        drop = mass_before >= top_p  # token i is needed only while the ones before it fall short of p
+        drop[0] = False
+        z[order[drop]] = float("-inf")
+    return z
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                 seen: torch.Tensor | None = None) -> int:
+    """One token id from logits (V,) following `params`; `seen` (n,) int64 are prompt + output ids."""
+    z = logits.double()
+    if seen is not None:
+        z = apply_repetition_penalty(z, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(z))
+    z = filter_logits(z / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(z, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def find_stop(text: str, stops: tuple[str, ...], search_from: int = 0) -> int:
+    """Index of the earliest stop string in text[search_from:] (as an index into text), or -1."""
+    hits = [i for s in stops if (i := text.find(s, search_from)) >= 0]
+    return min(hits) if hits else -1

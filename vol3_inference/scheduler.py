@@ -1,0 +1,362 @@
+"""Continuous batching: iteration-level scheduling of many requests over one engine and one paged cache.
+
+Static batching takes B requests, runs them together until the *last* one finishes, then takes the
+next B: a request that stops early leaves its slot idle, and a new request waits for the whole batch.
+Continuous batching (Yu et al. 2022, "Orca", section 3.1, "iteration-level scheduling"; vLLM, Kwon et
+al. 2023, section 4.5) decides who runs at *every step*:
+
+    1. Every running request that has finished its prefill needs one decode token this step, hence
+       maybe one new KV block. If the free list cannot cover them, preempt the most recently admitted
+       request (free its blocks, put it back at the head of the waiting queue) until it can.
+       Preemption is by recompute: when re-admitted, its prompt *and* the tokens it already produced
+       are prefilled again, which recreates the same cache, so its output does not change.
+    2. The step's token budget `max_step_tokens` minus the decode tokens is left for prefill: first
+       requests whose prompt is partly prefilled (chunked prefill), then waiting requests, in
+       arrival order, while a batch slot (`max_batch`) and enough KV blocks are free.
+    3. One engine step runs all of it together (decode rows are batched into every matmul).
+    4. Requests whose known tokens are all cached get their next token sampled. A request that hits a
+       stop condition leaves at once and frees its blocks, so a waiting one can take its place in
+       the very next step.
+
+`policy="static"` runs the same machinery as static batching (admit only when the batch is empty),
+and `max_batch=1` as one request at a time, so the benchmark compares the three on one code path.
+
+`LLM` is the user-facing API in the spirit of vLLM's: `LLM.generate(prompts, params)` returns one
+`RequestOutput` per prompt, `LLM.stream(prompt, params)` yields text as it is produced. A bad request
+(empty prompt, too long, token ids outside the vocabulary, invalid sampling values) gets an error
+output of its own; the others are served as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vol3_inference.engine import Chunk, Engine, ModelWeights
+from vol3_inference.sampling import SamplingParams, find_stop, make_generator, sample_token
+
+
+class RequestError(ValueError):
+    """A request that cannot be served (the message says why); only that request fails."""
+
+
+@dataclass
+class Request:
+    """One request's state. `n_cached` tokens of prompt + output are in the KV cache."""
+
+    id: Hashable
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    output: list[int] = field(default_factory=list)
+    n_cached: int = 0
+    text: str = ""  # decoded output (stop string and stop token excluded once finished)
+    n_text_sent: int = 0  # characters already streamed
+    n_tokens_sent: int = 0  # output tokens already streamed
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None
+    preemptions: int = 0
+    arrival_time: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token_slice(self, a: int, b: int) -> list[int]:
+        """tokens[a:b] without building the whole list (called every step)."""
+        P = len(self.prompt)
+        return self.prompt[a:b] + self.output[max(a - P, 0):max(b - P, 0)]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """What a caller sees of a request: everything so far (`token_ids`, `text`) and, for streaming,
+    what is new since the last step (`new_token_ids`, `new_text`)."""
+
+    id: Hashable
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    error: str | None = None
+    ttft: float | None = None  # seconds from arrival to the first token
+    token_times: list[float] = field(default_factory=list)
+
+
+class Scheduler:
+    """Waiting and running queues over an `Engine` (see the module docstring for one step).
+
+    Args:
+        engine: runs the model and owns the paged cache.
+        tokenizer: decodes text for stop strings and streaming; None for token-only use.
+        eos_id: token that ends a request (unless `ignore_eos`); defaults to the tokenizer's.
+        max_batch: most requests running at once (batch slots).
+        max_step_tokens: token budget per step: decode tokens count against it first (every running
+            request always gets its decode token), prefill chunks get what is left.
+        policy: "continuous" or "static".
+        trace: keep `self.trace`, a list of steps [(time, [(request id, n tokens, "prefill"|"decode")])].
+    """
+
+    def __init__(self, engine: Engine, tokenizer=None, eos_id: int | None = None, max_batch: int = 32,
+                 max_step_tokens: int = 512, policy: str = "continuous", trace: bool = False):
+        if policy not in ("continuous", "static"):
+            raise ValueError(f"policy must be 'continuous' or 'static', got {policy!r}")
+        if max_batch < 1 or max_step_tokens < 1:
+            raise ValueError(f"max_batch and max_step_tokens must be >= 1, got {max_batch}, {max_step_tokens}")
+        self.engine, self.tokenizer = engine, tokenizer
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self.max_batch, self.max_step_tokens, self.policy = max_batch, max_step_tokens, policy
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last one is preempted first
+        self.trace: list | None = [] if trace else None
+        self.n_preemptions = 0
+        self.n_steps = 0
+        self._done: list[Request] = []
+        self._ids = itertools.count()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                    request_id: Hashable | None = None) -> Request:
+        """Validate and queue a request. Raises RequestError saying what is wrong with it."""
+        c = self.engine.config
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt = list(prompt)
+        if not prompt:
+            raise RequestError("prompt is empty")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < c.vocab_size]
+        if bad:
+            raise RequestError(f"prompt has token id(s) outside [0, {c.vocab_size}): {bad[:5]}")
+        capacity = min(c.max_seq_len, self.engine.cache.manager.n_blocks * self.engine.cache.block_size)
+        if len(prompt) >= capacity:
+            raise RequestError(f"prompt of {len(prompt)} tokens leaves no room for output "
+                               f"(context holds {capacity} tokens)")
+        rid = request_id if request_id is not None else next(self._ids)
+        stop_ids = set(params.stop_token_ids)
+        if self.eos_id is not None and not params.ignore_eos:
+            stop_ids.add(self.eos_id)
+        req = Request(rid, prompt, params, make_generator(params.seed), frozenset(stop_ids),
+                      arrival_time=time.perf_counter())
+        self.waiting.append(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def _preempt(self, req: Request) -> None:
+        self.engine.release(req.id)
+        self.running.remove(req)
+        req.n_cached = 0
+        req.preemptions += 1
+        self.n_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _schedule(self) -> list[tuple[Request, int, str]]:
+        """Pick (request, tokens to compute, "prefill" | "decode") for this step, preempting if needed."""
+        mgr = self.engine.cache.manager
+        while True:
+            # 1. one decode token for each request whose prompt (and output so far) is all cached
+            decoding = [r for r in self.running if r.n_cached == r.n_tokens - 1]
+            need = sum(mgr.blocks_needed(r.id, 1) for r in decoding)
+            if need > len(mgr.free):
+                if len(self.running) == 1:  # alone and out of room: the cache is its context limit
+                    r = self.running.pop()
+                    self.engine.release(r.id)
+                    r.finish_reason = "length"
+                    self._done.append(r)
+                else:
+                    self._preempt(self.running[-1])
+                continue
+            plan = [(r, 1, "decode") for r in decoding]
+            budget, free = self.max_step_tokens - len(plan), len(mgr.free) - need
+            # 2. continue chunked prefills, then admit waiting requests in arrival order
+            for r in self.running:
+                todo = r.n_tokens - r.n_cached
+                if todo > 1 and budget > 0:
+                    n = min(todo, budget)
+                    b = mgr.blocks_needed(r.id, n)
+                    if b > free:
+                        break
+                    plan.append((r, n, "prefill"))
+                    budget, free = budget - n, free - b
+            # static batching admits only while the batch is still in its prefill phase
+            admit = self.policy == "continuous" or not any(r.output for r in self.running)
+            while admit and self.waiting and budget > 0 and len(self.running) < self.max_batch:
+                r = self.waiting[0]
+                n = min(r.n_tokens, budget)
+                b = mgr.blocks_needed(r.id, n)
+                if b > free:
+                    break
+                self.waiting.popleft()
+                self.running.append(r)
+                plan.append((r, n, "prefill"))
+                budget, free = budget - n, free - b
+            if plan or not self.running:
+                return plan
+            # Running requests are stuck mid-prefill, each holding blocks the others need: make room.
+            self._preempt(self.running[-1])
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that produced tokens or finished."""
+        self._done: list[Request] = []
+        plan = self._schedule()
+        events: dict[Hashable, Request] = {r.id: r for r in self._done}
+        if plan:
+            chunks = [Chunk(r.id, r.token_slice(r.n_cached, r.n_cached + n), r.n_cached) for r, n, _ in plan]
+            logits = self.engine.forward(chunks)
+            self.n_steps += 1
+            now = time.perf_counter()
+            if self.trace is not None:
+                self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
+            for (r, n, _), z in zip(plan, logits, strict=True):
+                r.n_cached += n
+                if r.n_cached < r.n_tokens:
+                    continue  # prefill not done yet
+                seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
+                tok = sample_token(z, r.params, r.generator, seen)
+                r.output.append(tok)
+                r.token_times.append(now)
+                self._check_stop(r, tok)
+                events[r.id] = r
+        for r in self.running:
+            if r.finished:
+                self.engine.release(r.id)  # finished requests free their blocks at once
+        self.running = [r for r in self.running if not r.finished]
+        return [self._output(r) for r in events.values()]
+
+    def _check_stop(self, r: Request, tok: int) -> None:
+        p = r.params
+        if tok in r.stop_ids:
+            r.finish_reason = "stop"  # the stop token's text is not part of the output text
+            return
+        if self.tokenizer is not None:
+            prev = len(r.text)
+            r.text = self.tokenizer.decode(r.output)
+            if p.stop:
+                hit = find_stop(r.text, p.stop, max(0, prev - max(map(len, p.stop)) + 1))
+                if hit >= 0:
+                    r.text = r.text[:hit]
+                    r.finish_reason = "stop"
+                    return
+        if len(r.output) >= p.max_tokens or r.n_tokens >= self.engine.config.max_seq_len:
+            r.finish_reason = "length"
+
+    def _output(self, r: Request) -> RequestOutput:
+        # Stream only text that can no longer change: hold back a possible stop-string prefix and an
+        # incomplete UTF-8 character (decoded as U+FFFD) until more tokens arrive.
+        ready = len(r.text)
+        if not r.finished:
+            hold = max(map(len, r.params.stop), default=1) - 1
+            ready = max(r.n_text_sent, len(r.text.rstrip("\ufffd")) - hold)
+        new_text = r.text[r.n_text_sent:ready]
+        new_ids = r.output[r.n_tokens_sent:]
+        r.n_text_sent, r.n_tokens_sent = ready, len(r.output)
+        ttft = r.token_times[0] - r.arrival_time if r.token_times else None
+        return RequestOutput(r.id, r.prompt, list(r.output), r.text, new_ids, new_text, r.finished,
+                             r.finish_reason, r.error, ttft, list(r.token_times))
+
+    def run(self) -> Iterator[RequestOutput]:
+        """Step until every request has finished, yielding outputs as they come."""
+        while self.has_unfinished():
+            yield from self.step()
+
+
+class LLM:
+    """Generate text from a model with continuous batching.
+
+    >>> llm = LLM.from_path("runs/vol2-cpu/ckpt")
+    >>> outs = llm.generate(["To be, or not", "O Romeo"], SamplingParams(max_tokens=32))
+    """
+
+    def __init__(self, weights: ModelWeights, tokenizer=None, *, n_blocks: int | None = None,
+                 block_size: int = 16, max_batch: int = 32, max_step_tokens: int = 512,
+                 backend: str = "torch", policy: str = "continuous"):
+        c = weights.config
+        n_blocks = n_blocks or max_batch * -(-c.max_seq_len // block_size)
+        self.engine = Engine(weights, n_blocks, block_size, backend)
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(self.engine, tokenizer, max_batch=max_batch,
+                                   max_step_tokens=max_step_tokens, policy=policy)
+
+    @classmethod
+    def from_path(cls, path, *, dtype: torch.dtype = torch.float32, quant: str | None = None, **kw) -> LLM:
+        """Load a Volume 2 checkpoint directory or a Hugging Face Llama folder (see `load.py`)."""
+        from vol3_inference.load import load_weights
+
+        weights, tokenizer = load_weights(path, dtype=dtype, quant=quant)
+        return cls(weights, tokenizer, **kw)
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer; pass token ids instead")
+            return self.tokenizer.encode(prompt, bos=True)
+        return list(prompt)
+
+    def _add(self, prompt, params) -> Request:
+        try:
+            if isinstance(params, dict):  # e.g. parsed from a JSON request: validated here, per request
+                params = SamplingParams(**params)
+            return self.scheduler.add_request(self._encode(prompt), params)
+        except (RequestError, ValueError, TypeError) as e:
+            raise RequestError(str(e)) from None
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None) -> list[RequestOutput]:
+        """One finished `RequestOutput` per prompt, in order.
+
+        `params` is one SamplingParams (or dict of its fields) for all prompts, or one per prompt. A bad
+        prompt or bad params get an output with `error` set and `finish_reason="error"`; the other
+        requests are generated as usual."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        results: list[RequestOutput | None] = []
+        reqs: dict[Hashable, int] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            try:
+                reqs[self._add(prompt, p).id] = i
+                results.append(None)
+            except RequestError as e:
+                ids = list(prompt) if not isinstance(prompt, str) else []
+                results.append(RequestOutput(None, ids, [], "", [], "", True, "error", str(e)))
+        for out in self.scheduler.run():
+            if out.finished and out.id in reqs:
+                results[reqs[out.id]] = out
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield this request's outputs as tokens arrive (use `.new_text` / `.new_token_ids`); other
+        queued requests advance in the same steps. Raises RequestError for a bad request."""
+        req = self._add(prompt, params)  # validated now, not at the first next()
+        return self._follow(req)
+
+    def _follow(self, req: Request) -> Iterator[RequestOutput]:
+        while not req.finished:
+            for out in self.scheduler.step():
+                if out.id == req.id:
+                    yield out
