@@ -50,7 +50,8 @@ from vol2_torch.sample import generate
 # Training recipe per preset; every value can be overridden by its flag.
 RECIPES = {
     "tiny": dict(batch_size=8, lr=3e-3, warmup_steps=10, max_minutes=1.0),
-    "cpu": dict(batch_size=16, lr=2e-3, warmup_steps=30, max_minutes=10.0),
+    "cpu": dict(batch_size=4, lr=2e-3, warmup_steps=50, max_minutes=10.0),
+    "hf288": dict(batch_size=16, lr=1e-3, warmup_steps=50, max_minutes=10.0),
     "seed512": dict(batch_size=32, lr=1e-3, warmup_steps=200, max_minutes=30.0),
 }
 CALIBRATION_STEPS = 10  # steps timed before the step count is fixed (auto mode)
@@ -91,7 +92,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="autocast dtype (auto: bf16 where it is measurably faster)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--evals", type=int, default=8, help="evaluations over the run (plus one at step 0)")
+    g.add_argument("--evals", type=int, default=5, help="evaluations over the run (plus one at step 0)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="windows per evaluation batch")
     g.add_argument("--log-interval", type=int, default=10, help="steps between metrics.jsonl lines")
     g.add_argument("--sample-prompt", default="\nHam.\n", help="prompt for the sample at each evaluation")
@@ -205,18 +206,19 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     ev = [(r["step"], r["val_loss"], r["val_bpb"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    lines = []
     if tr:
-        ax.plot(*zip(*tr, strict=True), label="train loss (per step)", alpha=0.6)
+        lines += ax.plot(*zip(*tr, strict=True), label="train loss (logged steps)", alpha=0.6)
     if ev:
-        ax.plot([e[0] for e in ev], [e[1] for e in ev], "o-", label="validation loss (hamlet + tempest)")
+        lines += ax.plot([e[0] for e in ev], [e[1] for e in ev], "o-", label="validation loss (hamlet + tempest)")
         ax2 = ax.twinx()
-        ax2.plot([e[0] for e in ev], [e[2] for e in ev], "s--", color="tab:red", label="validation bits/byte")
+        lines += ax2.plot([e[0] for e in ev], [e[2] for e in ev], "s--", color="tab:red",
+                          label="validation bits/byte (right axis)")
         ax2.set_ylabel("bits per byte")
-        ax2.legend(loc="upper center")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(metrics_path.parent.name)
-    ax.legend(loc="upper right")
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
