@@ -1,0 +1,50 @@
+"""Smoke test of `vol2_torch/bench.py` (`make vol2-bench`): its code path on the tiny preset.
+
+Speed is never asserted here (benchmarks are kept apart from tests); what is checked is that the bench
+builds both models with the same weights, times both, and writes the results it prints.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the bench compares against transformers: pip install -e '.[test]'")
+from vol2_torch import bench  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_tiny_fp32_writes_both_models(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--dtype", "fp32",
+                     "--steps", "2", "--warmup", "0", "--threads", "1", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["logit_max_abs_diff_fp32"] < 1e-4  # HF really holds our weights
+    (row,) = res["rows"]
+    assert row["matmul_peak_flops"] >= res["matmul_peak_flops_at_start"]["fp32"] > 0  # best rate seen
+    assert (row["dtype"], row["batch_size"], row["seq_len"], row["steps_timed"]) == ("fp32", 2, 16, 2)
+    assert set(row["models"]) == {"ours", "hf"}
+    for m in row["models"].values():
+        assert len(m["step_seconds"]) == 2 and all(t > 0 for t in m["step_seconds"])
+        assert m["tok_s"] > 0 and 0 < m["mfu"]
+    assert row["ratio_ours_over_hf"] == pytest.approx(row["models"]["ours"]["tok_s"] / row["models"]["hf"]["tok_s"])
+    printed = capsys.readouterr().out
+    assert "HF Llama" in printed and "ours" in printed and str(out) in printed
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "fp16"], ["--seq-len", "999"], ["--preset", "nope"],
+                                  ["--steps", "0"]])
+def test_bench_bad_flags_fail_with_one_line(argv, tmp_path, capsys):
+    assert bench.main(["--preset", "tiny", "--json", str(tmp_path / "b.json"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert not (tmp_path / "b.json").exists()
