@@ -49,12 +49,12 @@ from vol2_torch.sample import generate
 
 # Training recipe per preset; every value can be overridden by its flag.
 RECIPES = {
-    "tiny": dict(batch_size=8, lr=3e-3, warmup_steps=10, max_minutes=1.0),
+    "tiny": dict(batch_size=8, lr=3e-3, warmup_steps=30, max_minutes=1.0),
     "cpu": dict(batch_size=4, lr=2e-3, warmup_steps=50, max_minutes=10.0),
     "hf288": dict(batch_size=16, lr=1e-3, warmup_steps=50, max_minutes=10.0),
     "seed512": dict(batch_size=32, lr=1e-3, warmup_steps=200, max_minutes=30.0),
 }
-CALIBRATION_STEPS = 10  # steps timed before the step count is fixed (auto mode)
+CALIBRATION_STEPS = 30  # steps timed before the step count is fixed (auto mode)
 
 
 class NonFiniteLoss(RuntimeError):
