@@ -14,7 +14,7 @@ import torch
 
 from shared.config import ModelConfig
 from vol2_torch.model import Transformer
-from vol3_inference.engine import Chunk, Engine, ModelWeights, generate_naive
+from vol3_inference.engine import Chunk, Engine, ModelWeights, gemv_layout, generate_naive
 from vol3_inference.kv_cache import OutOfBlocks
 from vol3_inference.ops import TorchOps, get_ops
 from vol3_inference.sampling import SamplingParams
@@ -154,3 +154,14 @@ def test_many_decodes_in_length_groups_equal_full_recompute():
     for (i, s), logits in zip(seqs.items(), out, strict=False):
         torch.testing.assert_close(logits, model(torch.tensor([s]))[0, -1], **FP32_TOL, msg=f"seq {i}")
     torch.testing.assert_close(out[-1], model(torch.tensor([fresh]))[0, -1], **FP32_TOL)
+
+
+def test_gemv_layout_keeps_values_and_picks_the_measured_strides():
+    w = torch.randn(24, 16)
+    col = gemv_layout(w)
+    assert col.shape == w.shape and torch.equal(col, w)
+    assert col.t().is_contiguous() and not col.is_contiguous()  # fp32: column-major
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(torch.nn.functional.linear(x, col), torch.nn.functional.linear(x, w))
+    b = gemv_layout(w.bfloat16())
+    assert b.is_contiguous() and torch.equal(b, w.bfloat16())  # bf16: row-major (measured faster)

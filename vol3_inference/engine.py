@@ -47,6 +47,19 @@ DECODE_GROUPS = 3  # most batched decode-attention calls per layer (see Engine.f
 DECODE_GROUP_MIN = 8  # fewest sequences worth a call of their own
 
 
+def gemv_layout(w: torch.Tensor) -> torch.Tensor:
+    """A float weight (out, in) as the decode matmul reads it fastest on this CPU: for float32, the
+    same values stored column-major (`w.t()` is contiguous), else unchanged (row-major).
+
+    `F.linear(x, w)` computes x @ w.t(); with w.t() contiguous, MKL's sgemm streams the (in, out)
+    matrix row by row. Measured on this machine (1 thread, the weights of a whole forward cycled so
+    they come from DRAM, not cache): seed512's matmuls 1.55x faster at 1 token, 1.1-1.3x at 4-256;
+    the cpu preset's 1.0-1.2x. For bfloat16 the same layout was 7x slower, so it stays row-major.
+    The shape, and every result, are unchanged; only the strides differ.
+    """
+    return w.t().contiguous().t() if w.dtype == torch.float32 else w.contiguous()
+
+
 @dataclass
 class LayerWeights:
     attention_norm: torch.Tensor  # (D,)
@@ -79,18 +92,21 @@ class ModelWeights:
         def get(name):
             return state[name].detach().to(dtype).contiguous()
 
+        def mat(*names):  # a linear weight (out, in), rows of several stacked, in the decode layout
+            return gemv_layout(torch.cat([get(n) for n in names]))
+
         layers = []
         for i in range(config.n_layers):
             p = f"layers.{i}."
             layers.append(LayerWeights(
                 attention_norm=get(p + "attention_norm.weight"),
-                wqkv=torch.cat([get(p + f"attention.{n}.weight") for n in ("wq", "wk", "wv")]),
-                wo=get(p + "attention.wo.weight"),
+                wqkv=mat(*(p + f"attention.{n}.weight" for n in ("wq", "wk", "wv"))),
+                wo=mat(p + "attention.wo.weight"),
                 ffn_norm=get(p + "ffn_norm.weight"),
-                w13=torch.cat([get(p + "feed_forward.w1.weight"), get(p + "feed_forward.w3.weight")]),
-                w2=get(p + "feed_forward.w2.weight")))
-        emb = get("tok_embeddings.weight")
-        out = emb if config.tie_embeddings else get("output.weight")
+                w13=mat(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
+                w2=mat(p + "feed_forward.w2.weight")))
+        emb = mat("tok_embeddings.weight")
+        out = emb if config.tie_embeddings else mat("output.weight")
         return cls(config, emb, layers, get("norm.weight"), out, dtype)
 
     @classmethod
