@@ -84,7 +84,7 @@ def test_load_weights_modes(ckpt):
         load_weights(ckpt, quant="int4")
 
 
-def test_bench_workload_and_serving_harness():
+def test_bench_workload_and_serving_harness(tmp_path):
     work = bench.make_workload(50, 256, lambda rng, n: [int(t) for t in rng.integers(0, 300, n)])
     assert all(8 <= len(p) <= 128 and 1 <= n <= 256 and len(p) + n <= 256 for p, n in work)
     assert max(n for _, n in work) > 100 and min(len(p) for p, _ in work) < 30  # mixed lengths
@@ -92,9 +92,15 @@ def test_bench_workload_and_serving_harness():
     weights = ModelWeights.from_model(Transformer(CONFIG.replace(max_seq_len=200)).double())
     work = bench.make_workload(6, 200, lambda rng, n: [int(t) for t in rng.integers(0, 300, n)])
     work = [(p, min(n, 20)) for p, n in work]
-    serving = bench.bench_serving(weights, work, max_batch=4)
+    serving = bench.bench_serving(weights, work, max_batch=4, sweep=(2, 4))
     assert serving["outputs_identical"]
     for k in ("sequential", "static", "continuous"):
         assert serving[k]["output_tokens"] == sum(n for _, n in work)
+    assert list(serving["sweep"]) == [2]  # the headline slot count is not rerun
+    for r in serving["sweep"][2].values():
+        assert r["output_tokens"] == sum(n for _, n in work) and r["tok_s"] > 0
+    bench.print_serving({"serving": serving, "config": weights.config.to_dict()})
+    bench.draw_chart({"models": {"tiny": {"serving": serving}}}, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 1000
     solo = Engine(weights).generate(work[0][0], SamplingParams(max_tokens=work[0][1], ignore_eos=True))
     assert len(solo) == work[0][1]

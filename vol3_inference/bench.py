@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +258,9 @@ def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: 
     return res
 
 
-def bench_serving(weights, work, max_batch: int, max_output: int = 256) -> dict:
+def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: Sequence[int] = ()) -> dict:
+    """Sequential vs static vs continuous batching at `max_batch` slots (plus int8), then static vs
+    continuous again at every other slot count in `sweep` (fp32 only, no traces)."""
     runs = {
         "sequential": run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256),
         "static": run_serving(weights, work, max_batch=max_batch, policy="static",
@@ -272,10 +275,17 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256) -> dict:
     with int8_route("w8a8_dynamic"):
         runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
                                               policy="continuous", max_step_tokens=512)
-    for r in runs.values():
+    swept = {}
+    for slots in sorted(set(sweep) - {max_batch}):
+        say(f"  ... static and continuous with {slots} batch slots")
+        swept[slots] = {
+            "static": run_serving(weights, work, max_batch=slots, policy="static", max_step_tokens=slots * 128),
+            "continuous": run_serving(weights, work, max_batch=slots, policy="continuous", max_step_tokens=512)}
+        same = same and all(r["outputs"] == base for r in swept[slots].values())
+    for r in [*runs.values(), *(r for pair in swept.values() for r in pair.values())]:
         del r["outputs"]
     return {"requests": len(work), "max_batch": max_batch, "max_output": max_output,
-            "outputs_identical": same, **runs}
+            "outputs_identical": same, **runs, "sweep": swept}
 
 
 # --- printing --------------------------------------------------------------------------------------
@@ -346,6 +356,16 @@ def print_serving(r: dict) -> None:
     say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
         f"tokens identical across the three fp32 runs: {s['outputs_identical']}; 'continuous int8' = "
         f"int8 weights, route w8a8_dynamic")
+    if s.get("sweep"):
+        rows = {**{k: v for k, v in s["sweep"].items()},
+                s["max_batch"]: {"static": s["static"], "continuous": s["continuous"]}}
+        seq = s["sequential"]["tok_s"]
+        say(f"  batch slots: {'slots':>5s} {'static tok/s':>12s} {'continuous':>11s} {'cont/static':>11s} "
+            f"{'cont/seq':>8s} {'static steps':>12s} {'cont steps':>10s}")
+        for slots in sorted(rows):
+            st, co = rows[slots]["static"], rows[slots]["continuous"]
+            say(f"  {'':12s} {slots:5d} {st['tok_s']:12.1f} {co['tok_s']:11.1f} {co['tok_s'] / st['tok_s']:10.2f}x "
+                f"{co['tok_s'] / seq:7.2f}x {st['steps']:12d} {co['steps']:10d}")
     x = s["continuous"]
     say(f"  paged KV cache, continuous: peak {x['peak_kv_blocks']} of {x['kv_blocks']} blocks of 16 tokens "
         f"in use ({100 * x['peak_kv_blocks'] / x['kv_blocks']:.0f}%); a contiguous cache reserves "
@@ -363,7 +383,8 @@ def draw_chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["models"])
-    fig, axes = plt.subplots(len(names), 3, figsize=(13, 3.6 * len(names)), squeeze=False)
+    cols = 4 if any(r.get("serving", {}).get("sweep") for r in results["models"].values()) else 3
+    fig, axes = plt.subplots(len(names), cols, figsize=(4.4 * cols, 3.6 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         r = results["models"][name]
         panels = []
@@ -380,6 +401,22 @@ def draw_chart(results: dict, path: Path) -> None:
             ax.bar_label(bars, fmt="%.0f")
             ax.tick_params(axis="x", labelsize=8)
             ax.set_title(f"{name}: {title}", fontsize=9)
+        s = r.get("serving", {})
+        if s.get("sweep"):
+            ax = axes[row][3]
+            rows = {**s["sweep"], s["max_batch"]: {"static": s["static"], "continuous": s["continuous"]}}
+            slots = sorted(rows)
+            for policy, color in (("static", "#2a7"), ("continuous", "#47c")):
+                ax.plot(slots, [rows[n][policy]["tok_s"] for n in slots], "o-", color=color, label=policy)
+            ax.axhline(s["sequential"]["tok_s"], color="#999", ls="--", label="sequential")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(slots, [str(n) for n in slots])
+            ax.set_xlabel("batch slots")
+            ax.set_ylabel("tok/s")
+            ax.legend(fontsize=8)
+            ax.set_title(f"{name}: serving tok/s vs batch slots", fontsize=9)
+        for ax in axes[row][len(panels):cols - 1 if s.get("sweep") else cols]:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -417,7 +454,8 @@ def draw_timeline(serving: dict, path: Path, title: str) -> None:
 
 
 def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, val, args, out_dir,
-                n_new: int, n_requests: int, max_batch: int, max_output: int, agree_prompts: int) -> dict:
+                n_new: int, n_requests: int, max_batch: int, max_output: int, agree_prompts: int,
+                sweep: Sequence[int] = ()) -> dict:
     rng = np.random.default_rng(1)
     prompt = prompt_source(rng, 16)
     res = {"config": weights.config.to_dict(), "rounds": args.rounds}
@@ -440,7 +478,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
     if "serving" in args.sections:
         say(f"[{name}] serving {n_requests} requests ...")
         work = make_workload(n_requests, weights.config.max_seq_len, prompt_source, max_output=max_output)
-        res["serving"] = bench_serving(weights, work, max_batch, max_output)
+        res["serving"] = bench_serving(weights, work, max_batch, max_output, sweep)
     return res
 
 
@@ -456,12 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per decode measurement (trained)")
     p.add_argument("--requests", type=int, default=64, help="requests in the serving workload (trained)")
     p.add_argument("--seed512-new-tokens", type=int, default=64, help="--new-tokens for seed512")
-    p.add_argument("--seed512-requests", type=int, default=16,
-                   help="--requests for seed512 (its one-at-a-time baseline runs at ~30 tok/s, so 64 requests "
-                        "would take most of the 5-minute budget by themselves)")
+    p.add_argument("--seed512-requests", type=int, default=64, help="--requests for seed512")
     p.add_argument("--max-batch", type=int, default=16,
                    help="batch slots (= KV memory) for static and continuous batching (trained)")
-    p.add_argument("--seed512-max-batch", type=int, default=4, help="--max-batch for seed512")
+    p.add_argument("--seed512-max-batch", type=int, default=16, help="--max-batch for seed512")
+    p.add_argument("--sweep", default="8,32",
+                   help="more batch-slot counts at which static and continuous are rerun (trained); '' for none")
+    p.add_argument("--seed512-sweep", default="",
+                   help="--sweep for seed512 (none by default: each point costs ~45 s there)")
     p.add_argument("--seed512-max-output", type=int, default=128,
                    help="longest output of the seed512 serving workload (256 for the trained model)")
     p.add_argument("--no-tune-malloc", action="store_true",
@@ -477,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                  "seed512_new_tokens", "seed512_requests", "seed512_max_batch", "seed512_max_output"):
         if getattr(args, flag) < 1:
             return fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("sweep", "seed512_sweep"):
+        items = [x.strip() for x in getattr(args, flag).split(",") if x.strip()]
+        if not all(x.isdigit() and int(x) >= 1 for x in items):
+            return fail(f"--{flag.replace('_', '-')} takes comma-separated positive integers, got "
+                        f"{getattr(args, flag)!r}")
+        setattr(args, flag, [int(x) for x in items])
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     if not args.sections or set(args.sections) - {"decode", "int8", "serving"}:
         return fail(f"--sections takes decode, int8 and/or serving, got {args.sections!r}")
@@ -515,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"trained ({Path(args.ckpt)})"
         res = bench_model(name, model, ModelWeights.from_model(model), tok_dict, tokenizer, val_prompt,
                           val, args, out_dir, args.new_tokens, args.requests, args.max_batch, 256,
-                          args.agree_prompts)
+                          args.agree_prompts, args.sweep)
         results["models"][name] = res
         print_tables(name, res)
         if "serving" in res:
@@ -532,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "seed512 (random weights)"
         res = bench_model(name, model, ModelWeights.from_model(model), None, None, rand_prompt, None, args,
                           out_dir, args.seed512_new_tokens, args.seed512_requests, args.seed512_max_batch,
-                          args.seed512_max_output, 2)
+                          args.seed512_max_output, 2, args.seed512_sweep)
         results["models"][name] = res
         print_tables(name, res)
         if len(results["models"]) == 1 and "serving" in res:  # the timeline shows the trained model if any
