@@ -1,0 +1,248 @@
+"""Two measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
+
+    python -m vol3_inference.probes layout     # fp32 weights row-major vs column-major (engine.gemv_layout)
+    python -m vol3_inference.probes compile    # torch.compile of the decode step, and of the small ops
+
+`layout` times the matrix-vector products of one decode step — every weight matrix of a model, cycled
+so that, as in a real step, each comes from DRAM rather than cache — with the weights stored as
+`nn.Linear` stores them (out, in) row-major, and column-major (`W.t()` contiguous), for several batch
+rows; then the engine's whole decode step with each layout, interleaved.
+
+`compile` asks whether `torch.compile` pays for the decode step on this CPU: (1) the whole batch-1 step
+written with static shapes (the block table padded to max_seq_len, a mask instead of a cut, so one graph
+serves every step), eager vs compiled, and (2) the elementwise ops (RMSNorm, RoPE, SwiGLU) compiled as an
+`ops.py` backend inside the unchanged engine. Compile times are printed too. Both run on the trained
+checkpoint when it exists, else on random weights of the same preset.
+
+Timings are medians of interleaved rounds on the current thread count (default 1: `--threads`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shared.cli import ArgumentParser, fail
+from shared.config import get_preset
+from vol2_torch.model import Transformer
+from vol3_inference import ops
+from vol3_inference.engine import Chunk, Engine, LayerWeights, ModelWeights
+
+DEFAULT_CKPT = "runs/vol2-cpu/ckpt"
+
+
+def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
+    """Time each fn once per round, round-robin; median milliseconds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def row_major(w: ModelWeights) -> ModelWeights:
+    """The same weights with every matrix stored (out, in) row-major, as nn.Linear stores them."""
+    def c(t):
+        return t.contiguous()
+
+    layers = [LayerWeights(L.attention_norm, c(L.wqkv), c(L.wo), L.ffn_norm, c(L.w13), c(L.w2)) for L in w.layers]
+    emb = c(w.tok_embeddings)
+    out = emb if w.config.tie_embeddings else c(w.output)
+    return ModelWeights(w.config, emb, layers, w.norm, out, w.dtype)
+
+
+def probe_layout(preset: str, rows: list[int], rounds: int) -> None:
+    c = get_preset(preset)
+    shapes = [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), (c.dim, c.n_heads * c.head_dim),
+              (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim)] * c.n_layers + [(c.vocab_size, c.dim)]
+    W = [torch.randn(o, i) for o, i in shapes]
+    cols = [w.t().contiguous().t() for w in W]
+    mb = sum(w.numel() for w in W) * 4 / 1e6
+    print(f"{preset}: {len(W)} matrices, {mb:.1f} MB fp32 per token; ms per token, median of {rounds} rounds")
+    print(f"  {'rows':>5s} {'row-major':>10s} {'column-major':>13s} {'speed-up':>9s}")
+    for m in rows:
+        xs = {n: torch.randn(m, n) for n in {s[1] for s in shapes}}
+
+        def run(ws, xs=xs):
+            for w in ws:
+                F.linear(xs[w.shape[1]], w)
+
+        t = _median_ms({"row": lambda: run(W), "col": lambda: run(cols)}, rounds)
+        print(f"  {m:5d} {t['row']:10.2f} {t['col']:13.2f} {t['row'] / t['col']:8.2f}x")
+    Wb, colsb = [w.bfloat16() for w in W], [w.bfloat16() for w in cols]  # .bfloat16() keeps the strides
+    xb = {n: torch.randn(1, n, dtype=torch.bfloat16) for n in {s[1] for s in shapes}}
+
+    def run_b(ws):
+        for w in ws:
+            F.linear(xb[w.shape[1]], w)
+
+    t = _median_ms({"row": lambda: run_b(Wb), "col": lambda: run_b(colsb)}, max(1, rounds // 3))
+    print(f"  {'bf16 weights, 1 row':>18s}: row-major {t['row']:.2f} ms, column-major {t['col']:.2f} ms "
+          f"({t['row'] / t['col']:.2f}x)")
+    torch.manual_seed(0)
+    weights = ModelWeights.from_model(Transformer(c))
+    engines = {"row-major": Engine(row_major(weights)), "column-major": Engine(weights)}
+    for e in engines.values():
+        e.prefill(0, list(range(1, 17)))
+    state = {"n": 16}
+
+    def step(e):
+        e.forward([Chunk(0, [5], state["n"])])
+
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(rounds * 4):
+        if state["n"] >= min(c.max_seq_len, 200) - 1:  # start over before the context fills
+            for e in engines.values():
+                e.release(0)
+                e.prefill(0, list(range(1, 17)))
+            state["n"] = 16
+        for k, e in engines.items():
+            t0 = time.perf_counter()
+            step(e)
+            times[k].append(time.perf_counter() - t0)
+        state["n"] += 1
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    print(f"  engine decode step, batch 1: row-major {med['row-major']:.2f} ms, column-major "
+          f"{med['column-major']:.2f} ms ({med['row-major'] / med['column-major']:.2f}x)")
+
+
+def static_decode_step(w: ModelWeights, engine: Engine):
+    """The batch-1 decode step with static shapes, for torch.compile: the whole block table
+    (max_seq_len / bs blocks) is gathered every step and positions past the context are masked."""
+    c, bs = w.config, engine.cache.block_size
+    H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+    cos_sin = torch.view_as_real(engine.rope_freqs).contiguous()  # (max_seq_len, hd/2, 2)
+
+    def rope(t, n, cos, sin):  # interleaved pairs, as ops.TorchOps.rope, in real arithmetic
+        t = t.reshape(-1, n, hd // 2, 2)
+        a, b = t[..., 0], t[..., 1]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(-1, n, hd)
+
+    def step(tok, pos, slot, table, length, kcache, vcache):
+        x = w.tok_embeddings[tok]  # (1, D)
+        cs = cos_sin[pos]
+        cos, sin = cs[..., 0][:, None], cs[..., 1][:, None]
+        S = table.shape[1] * bs
+        valid = torch.arange(S)[None, :] < length[:, None]  # (1, S)
+        for li, L in enumerate(w.layers):
+            kc, vc = kcache[li], vcache[li]
+            q, k, v = F.linear(F.rms_norm(x, (c.dim,), L.attention_norm, c.norm_eps), L.wqkv).split(
+                [H * hd, Hkv * hd, Hkv * hd], -1)
+            q, k, v = rope(q, H, cos, sin), rope(k, Hkv, cos, sin), v.reshape(-1, Hkv, hd)
+            kc.view(-1, Hkv, hd).index_copy_(0, slot, k)
+            vc.view(-1, Hkv, hd).index_copy_(0, slot, v)
+            K = kc.index_select(0, table.reshape(-1)).view(1, S, Hkv, hd).transpose(1, 2)
+            V = vc.index_select(0, table.reshape(-1)).view(1, S, Hkv, hd).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[:, :, None], K, V, attn_mask=valid[:, None, None, :],
+                                               enable_gqa=H != Hkv)
+            x = x + F.linear(o.reshape(1, H * hd), L.wo)
+            g, u = F.linear(F.rms_norm(x, (c.dim,), L.ffn_norm, c.norm_eps), L.w13).chunk(2, -1)
+            x = x + F.linear(F.silu(g) * u, L.w2)
+        return F.linear(F.rms_norm(x, (c.dim,), w.norm, c.norm_eps), w.output)
+
+    return step
+
+
+class CompiledOps(ops.TorchOps):
+    """The reference ops with the elementwise ones compiled (dynamic shapes: one graph for any N)."""
+
+    name = "compiled"
+    rmsnorm = staticmethod(torch.compile(ops.TorchOps.rmsnorm, dynamic=True))
+    rope = staticmethod(torch.compile(ops.TorchOps.rope, dynamic=True))
+    swiglu = staticmethod(torch.compile(ops.TorchOps.swiglu, dynamic=True))
+
+
+def probe_compile(weights: ModelWeights, rounds: int) -> None:
+    c = weights.config
+    engine = Engine(weights)
+    width = c.max_seq_len // engine.cache.block_size
+    engine.prefill(0, list(range(1, 17)))
+    slots = engine.cache.manager.append(0, 1)  # position 16's slot; the step below rewrites it every call
+    table = engine.cache.block_table(0, width)[None]
+    args = (torch.tensor([5]), torch.tensor([16]), torch.tensor(slots), table, torch.tensor([17]),
+            engine.cache.k, engine.cache.v)
+    step = static_decode_step(weights, engine)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        compiled = torch.compile(step, dynamic=False, fullgraph=True)
+        out = compiled(*args)
+        t_compile = time.perf_counter() - t0
+        err = (out - step(*args)).abs().max().item()
+        t = _median_ms({"eager": lambda: step(*args), "compiled": lambda: compiled(*args)}, rounds * 20)
+    print(f"(1) whole decode step, static shapes, batch 1: compile {t_compile:.1f} s (fullgraph, no break); "
+          f"eager {t['eager']:.3f} ms, compiled {t['compiled']:.3f} ms ({t['eager'] / t['compiled']:.2f}x); "
+          f"max |logit difference| {err:.1e}")
+    ops.BACKENDS["compiled"] = CompiledOps
+    engines = {"torch": Engine(weights), "compiled": Engine(weights, backend="compiled")}
+    t0 = time.perf_counter()
+    for e in engines.values():
+        e.prefill(0, list(range(1, 17)))
+        e.forward([Chunk(0, [5], 16)])
+    t_compile = time.perf_counter() - t0
+    state = {"n": 17}
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(rounds * 20):
+        if state["n"] >= c.max_seq_len - 1:
+            for e in engines.values():
+                e.release(0)
+                e.prefill(0, list(range(1, 17)))
+            state["n"] = 16
+        for k, e in engines.items():
+            t1 = time.perf_counter()
+            e.forward([Chunk(0, [5], state["n"])])
+            times[k].append(time.perf_counter() - t1)
+        state["n"] += 1
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    print(f"(2) engine with compiled RMSNorm/RoPE/SwiGLU, batch 1: warm-up and compile {t_compile:.1f} s; "
+          f"eager ops {med['torch']:.3f} ms, compiled ops {med['compiled']:.3f} ms per step "
+          f"({med['torch'] / med['compiled']:.2f}x)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m vol3_inference.probes", description=__doc__.split("\n\n")[0])
+    p.add_argument("probe", choices=["layout", "compile"], help="which measurement")
+    p.add_argument("--presets", default="seed512,cpu", help="layout: comma-separated presets")
+    p.add_argument("--rows", default="1,4,16,64", help="layout: batch rows to time")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="compile: checkpoint (else random weights, cpu preset)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.threads < 1:
+        return fail("--rounds and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s)")
+    if args.probe == "layout":
+        try:
+            rows = [int(r) for r in args.rows.split(",")]
+            presets = [x.strip() for x in args.presets.split(",") if x.strip()]
+            for name in presets:
+                get_preset(name)
+        except ValueError as e:
+            return fail(f"bad --rows or --presets: {e}")
+        if not rows or min(rows) < 1 or not presets:
+            return fail("--rows takes positive integers and --presets at least one preset")
+        for name in presets:
+            probe_layout(name, rows, args.rounds)
+        return 0
+    if Path(args.ckpt).is_dir():
+        from vol3_inference.load import load_weights
+
+        weights, _ = load_weights(args.ckpt)
+        print(f"weights: {args.ckpt}")
+    else:
+        torch.manual_seed(0)
+        weights = ModelWeights.from_model(Transformer(get_preset("cpu")))
+        print(f"weights: random, cpu preset ({args.ckpt} not found)")
+    probe_compile(weights, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
