@@ -354,7 +354,7 @@ def print_serving(r: dict) -> None:
             f"{x['steps']:6d} {x['ttft_s']['p50']:7.2f}/{x['ttft_s']['p95']:<7.2f} "
             f"{x['tpot_ms']['p50']:7.1f}/{x['tpot_ms']['p95']:<8.1f} {x['preemptions']:7d}")
     say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
-        f"tokens identical across the three fp32 runs: {s['outputs_identical']}; 'continuous int8' = "
+        f"tokens identical across the fp32 runs: {s['outputs_identical']}; 'continuous int8' = "
         f"int8 weights, route w8a8_dynamic")
     if s.get("sweep"):
         rows = {**{k: v for k, v in s["sweep"].items()},
