@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
     return ["--preset", "tiny", "--data", str(EXCERPT), "--work-dir", str(tmp_path / "work"),
             "--out-root", str(tmp_path / "runs"), "--name", name, "--no-progress", "--log-interval", "1",
-            "--evals", "2", "--sample-tokens", "4", "--dtype", "fp32", "--device", "cpu", *extra]
+            "--evals", "2", "--sample-tokens", "4", "--dtype", "fp32", "--device", "cpu", "--threads", "1", *extra]
 
 
 def losses(tmp_path: Path, name: str) -> dict[int, float]:
@@ -104,7 +104,7 @@ def test_max_minutes_is_honoured(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--lr", "-1"], ["--preset", "huge"],
-                                  ["--n-heads", "5"], ["--resume"]])
+                                  ["--n-heads", "5"], ["--resume"], ["--threads", "0"], ["--threads", "two"]])
 def test_bad_flags_give_one_clear_line(tmp_path, argv, capsys):
     try:
         code = train_mod.main(run_args(tmp_path, "bad", *argv))

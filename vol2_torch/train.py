@@ -43,7 +43,7 @@ from shared.config import PRESETS, ModelConfig, get_preset
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
 from shared.tokenizer import Tokenizer
-from vol2_torch.device import matmul_flops, pick_device, pick_dtype
+from vol2_torch.device import matmul_flops, pick_cpu_threads, pick_device, pick_dtype
 from vol2_torch.model import Transformer
 from vol2_torch.sample import generate
 
@@ -91,6 +91,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="autocast dtype (auto: bf16 where it is measurably faster)")
+    g.add_argument("--threads", default="auto",
+                   help="torch threads on CPU, or 'auto': 1 vs 2 timed on a training-sized matmul (on a busy "
+                        "2-core machine a second thread can make every step 10-30x slower); DDP ranks share the cores")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--evals", type=int, default=5, help="evaluations over the run (plus one at step 0)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="windows per evaluation batch")
@@ -271,15 +274,18 @@ def train(args) -> dict:
         resumed = load_checkpoint(ckpt_dir)
         saved = resumed.train_state["args"]
         for k, v in saved.items():  # the resumed run is the same run: its flags win, but for these
-            if k not in ("resume", "max_minutes", "stop_at_step", "no_progress", "device", "evals"):
+            if k not in ("resume", "max_minutes", "stop_at_step", "no_progress", "device", "evals", "threads"):
                 setattr(args, k, v)
     config, recipe = resolve(args)
     if resumed is not None:
         config, recipe = resumed.config, resumed.train_state["recipe"]
         if args.max_minutes is not None:
             recipe["max_minutes"] = args.max_minutes
+    threads, threads_note = pick_cpu_threads(args.threads, device, world)
+    if threads is not None:
+        torch.set_num_threads(threads)
     dtype, dtype_note = pick_dtype(args.dtype, device)
-    say(f"device {device}{f' x {world} ranks (DDP)' if ddp else ''}, {dtype_note}")
+    say(f"device {device}{f' x {world} ranks (DDP)' if ddp else ''}, {dtype_note}; {threads_note}")
 
     corpus = load_corpus(args.data, args.cache_dir, quiet=not master)
     if ddp and not master:

@@ -37,8 +37,10 @@ import torch.nn.functional as F
 
 from shared.cli import ArgumentParser, fail
 from shared.config import get_preset
+from shared.threads import describe as describe_threads
+from shared.threads import pick_threads
 from vol2_torch.model import Transformer
-from vol3_inference.engine import Engine, ModelWeights, generate_naive, pick_threads, tune_allocator
+from vol3_inference.engine import Engine, ModelWeights, generate_naive, tune_allocator
 from vol3_inference.kv_cache import kv_bytes_per_token
 from vol3_inference.quant import INT8_ROUTE, int8_route
 from vol3_inference.sampling import SamplingParams
@@ -528,8 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--sections takes decode, int8 and/or serving, got {args.sections!r}")
     if args.threads == "auto":
         args.threads, thread_times = pick_threads()
-        say("threads: " + ", ".join(f"{n}: {1e3 * t:.1f} ms" for n, t in thread_times.items())
-            + f" for a matmul probe -> using {args.threads}")
+        say(describe_threads(args.threads, thread_times))
     elif not args.threads.isdigit() or int(args.threads) < 1:
         return fail(f"--threads must be a positive integer or 'auto', got {args.threads!r}")
     args.threads = int(args.threads)

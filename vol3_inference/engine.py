@@ -27,9 +27,6 @@ Hkv KV heads, hd head dim, F FFN hidden width, V vocabulary.
 from __future__ import annotations
 
 import itertools
-import os
-import statistics
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -361,28 +358,6 @@ def tune_allocator(threshold: int = 32 * 2**20) -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 4 * threshold))
-
-
-def pick_threads(candidates: Sequence[int] | None = None, rounds: int = 7) -> tuple[int, dict[int, float]]:
-    """The intra-op thread count that runs a decode-sized and a batch-sized matmul fastest right now.
-
-    On a shared 2-core machine a second OpenMP thread helps only when the other core is idle; when
-    another process holds it, every multi-threaded op waits for a descheduled worker (measured here:
-    2 threads 10-30x slower than 1 under load). Timed interleaved, median of `rounds`.
-    """
-    candidates = candidates or sorted({1, min(2, os.cpu_count() or 1)})
-    w, x1, x32 = torch.randn(1536, 512), torch.randn(1, 512), torch.randn(32, 512)
-    times: dict[int, list[float]] = {n: [] for n in candidates}
-    for _ in range(rounds):
-        for n in candidates:
-            torch.set_num_threads(n)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                torch.nn.functional.linear(x1, w)
-                torch.nn.functional.linear(x32, w)
-            times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(v) for n, v in times.items()}
-    return min(med, key=med.get), med
 
 
 @torch.inference_mode()

@@ -16,7 +16,8 @@ import time
 import torch
 
 from shared.cli import ArgumentParser, fail
-from vol3_inference.engine import pick_threads, tune_allocator
+from shared.threads import pick_threads
+from vol3_inference.engine import tune_allocator
 from vol3_inference.load import QUANT_MODES
 from vol3_inference.quant import INT8_ROUTE, INT8_ROUTES, int8_route
 from vol3_inference.sampling import SamplingParams

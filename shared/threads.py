@@ -1,0 +1,51 @@
+"""How many intra-op threads torch should use right now, chosen by timing.
+
+On a shared 2-core machine a second OpenMP thread helps only while the other core is idle. When
+another process holds it, every multi-threaded op waits for a descheduled worker thread, and two
+threads ran 10-30x slower than one (measured on this project's machines, in training and in decode).
+So the commands that care time a small matmul probe at each candidate count and keep the fastest.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+DECODE_PROBE = ((1, 512, 1536), (32, 512, 1536))  # (rows, in, out): one decode row, a batch of 32
+TRAIN_PROBE = ((1024, 192, 512),)  # one micro-batch of the cpu preset (4 x 256 tokens, dim 192)
+
+
+def pick_threads(shapes: Sequence[tuple[int, int, int]] = DECODE_PROBE, candidates: Sequence[int] | None = None,
+                 rounds: int = 7, reps: int = 20) -> tuple[int, dict[int, float]]:
+    """(fastest thread count, {count: median seconds}) for `reps` x every (rows, in, out) matmul in
+    `shapes`, the candidates timed round-robin for `rounds` rounds. Candidates default to 1 and 2
+    (1 alone on a 1-core machine). torch's thread count is left as it was."""
+    candidates = list(candidates or sorted({1, min(2, os.cpu_count() or 1)}))
+    if not candidates or min(candidates) < 1:
+        raise ValueError(f"thread candidates must be positive integers, got {candidates}")
+    mats = [(torch.randn(rows, n_in), torch.randn(n_out, n_in)) for rows, n_in, n_out in shapes]
+    before = torch.get_num_threads()
+    times: dict[int, list[float]] = {n: [] for n in candidates}
+    try:
+        for _ in range(rounds):
+            for n in candidates:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    for x, w in mats:
+                        torch.nn.functional.linear(x, w)
+                times[n].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return min(med, key=med.get), med
+
+
+def describe(chosen: int, times: dict[int, float]) -> str:
+    """One line: 'threads: 1: 12.3 ms, 2: 9.8 ms for a matmul probe -> using 2'."""
+    return ("threads: " + ", ".join(f"{n}: {1e3 * t:.1f} ms" for n, t in times.items())
+            + f" for a matmul probe -> using {chosen}")
