@@ -47,6 +47,27 @@ def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+def decode_step_ms(engines: dict[str, Engine], steps: int, max_len: int) -> dict[str, float]:
+    """Median ms of one batch-1 decode step for each engine, round-robin over `steps` steps. Each
+    engine decodes the same sequence (a 16-token prompt, then token 5 again and again), started over
+    before its context reaches `max_len`."""
+    prompt = list(range(1, 17))
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    n = max_len  # forces a (re)start on the first step
+    for _ in range(steps):
+        if n >= max_len - 1:
+            for e in engines.values():
+                e.release(0)
+                e.prefill(0, prompt)
+            n = len(prompt)
+        for k, e in engines.items():
+            t0 = time.perf_counter()
+            e.forward([Chunk(0, [5], n)])
+            times[k].append(time.perf_counter() - t0)
+        n += 1
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def row_major(w: ModelWeights) -> ModelWeights:
     """The same weights with every matrix stored (out, in) row-major, as nn.Linear stores them."""
     def c(t):
@@ -89,26 +110,7 @@ def probe_layout(preset: str, rows: list[int], rounds: int) -> None:
     torch.manual_seed(0)
     weights = ModelWeights.from_model(Transformer(c))
     engines = {"row-major": Engine(row_major(weights)), "column-major": Engine(weights)}
-    for e in engines.values():
-        e.prefill(0, list(range(1, 17)))
-    state = {"n": 16}
-
-    def step(e):
-        e.forward([Chunk(0, [5], state["n"])])
-
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    for _ in range(rounds * 4):
-        if state["n"] >= min(c.max_seq_len, 200) - 1:  # start over before the context fills
-            for e in engines.values():
-                e.release(0)
-                e.prefill(0, list(range(1, 17)))
-            state["n"] = 16
-        for k, e in engines.items():
-            t0 = time.perf_counter()
-            step(e)
-            times[k].append(time.perf_counter() - t0)
-        state["n"] += 1
-    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    med = decode_step_ms(engines, rounds * 4, min(c.max_seq_len, 200))
     print(f"  engine decode step, batch 1: row-major {med['row-major']:.2f} ms, column-major "
           f"{med['column-major']:.2f} ms ({med['row-major'] / med['column-major']:.2f}x)")
 
@@ -182,24 +184,12 @@ def probe_compile(weights: ModelWeights, rounds: int) -> None:
     ops.BACKENDS["compiled"] = CompiledOps
     engines = {"torch": Engine(weights), "compiled": Engine(weights, backend="compiled")}
     t0 = time.perf_counter()
-    for e in engines.values():
+    for e in engines.values():  # the first step compiles
         e.prefill(0, list(range(1, 17)))
         e.forward([Chunk(0, [5], 16)])
+        e.release(0)
     t_compile = time.perf_counter() - t0
-    state = {"n": 17}
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    for _ in range(rounds * 20):
-        if state["n"] >= c.max_seq_len - 1:
-            for e in engines.values():
-                e.release(0)
-                e.prefill(0, list(range(1, 17)))
-            state["n"] = 16
-        for k, e in engines.items():
-            t1 = time.perf_counter()
-            e.forward([Chunk(0, [5], state["n"])])
-            times[k].append(time.perf_counter() - t1)
-        state["n"] += 1
-    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    med = decode_step_ms(engines, rounds * 20, c.max_seq_len)
     print(f"(2) engine with compiled RMSNorm/RoPE/SwiGLU, batch 1: warm-up and compile {t_compile:.1f} s; "
           f"eager ops {med['torch']:.3f} ms, compiled ops {med['compiled']:.3f} ms per step "
           f"({med['torch'] / med['compiled']:.2f}x)")
