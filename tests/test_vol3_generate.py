@@ -96,11 +96,20 @@ def test_bench_workload_and_serving_harness(tmp_path):
     assert serving["outputs_identical"]
     for k in ("sequential", "static", "continuous"):
         assert serving[k]["output_tokens"] == sum(n for _, n in work)
-    assert list(serving["sweep"]) == [2]  # the headline slot count is not rerun
-    for r in serving["sweep"][2].values():
-        assert r["output_tokens"] == sum(n for _, n in work) and r["tok_s"] > 0
+    assert [p["slots"] for p in serving["sweep"]] == [2]  # the headline slot count is not rerun
+    for k in ("static", "continuous"):
+        assert serving["sweep"][0][k]["output_tokens"] == sum(n for _, n in work)
+    assert sorted(bench.sweep_rows(serving)) == [2, 4]
     bench.print_serving({"serving": serving, "config": weights.config.to_dict()})
     bench.draw_chart({"models": {"tiny": {"serving": serving}}}, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
     solo = Engine(weights).generate(work[0][0], SamplingParams(max_tokens=work[0][1], ignore_eos=True))
     assert len(solo) == work[0][1]
+
+
+@pytest.mark.parametrize("argv", [["--sweep", "8,x"], ["--sweep", "0"], ["--seed512-sweep", "²"],
+                                  ["--models", "gpt"], ["--sections", "speed"], ["--rounds", "0"]])
+def test_bench_rejects_bad_flags_in_one_line(argv, tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path), "--threads", "1", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err

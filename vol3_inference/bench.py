@@ -277,17 +277,25 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
     with int8_route("w8a8_dynamic"):
         runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
                                               policy="continuous", max_step_tokens=512)
-    swept = {}
+    swept = []  # [{"slots": n, "static": run, "continuous": run}], a list so the JSON keeps ints
     for slots in sorted(set(sweep) - {max_batch}):
         say(f"  ... static and continuous with {slots} batch slots")
-        swept[slots] = {
+        swept.append({
+            "slots": slots,
             "static": run_serving(weights, work, max_batch=slots, policy="static", max_step_tokens=slots * 128),
-            "continuous": run_serving(weights, work, max_batch=slots, policy="continuous", max_step_tokens=512)}
-        same = same and all(r["outputs"] == base for r in swept[slots].values())
-    for r in [*runs.values(), *(r for pair in swept.values() for r in pair.values())]:
+            "continuous": run_serving(weights, work, max_batch=slots, policy="continuous", max_step_tokens=512)})
+        same = same and all(swept[-1][k]["outputs"] == base for k in ("static", "continuous"))
+    for r in [*runs.values(), *(p[k] for p in swept for k in ("static", "continuous"))]:
         del r["outputs"]
     return {"requests": len(work), "max_batch": max_batch, "max_output": max_output,
             "outputs_identical": same, **runs, "sweep": swept}
+
+
+def sweep_rows(serving: dict) -> dict[int, dict]:
+    """{batch slots: {"static": run, "continuous": run}} over the sweep and the headline run."""
+    rows = {p["slots"]: p for p in serving.get("sweep", [])}
+    rows[serving["max_batch"]] = {"static": serving["static"], "continuous": serving["continuous"]}
+    return rows
 
 
 # --- printing --------------------------------------------------------------------------------------
@@ -356,11 +364,10 @@ def print_serving(r: dict) -> None:
             f"{x['steps']:6d} {x['ttft_s']['p50']:7.2f}/{x['ttft_s']['p95']:<7.2f} "
             f"{x['tpot_ms']['p50']:7.1f}/{x['tpot_ms']['p95']:<8.1f} {x['preemptions']:7d}")
     say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
-        f"tokens identical across the fp32 runs: {s['outputs_identical']}; 'continuous int8' = "
+        f"tokens identical across the fp32 runs (sweep included): {s['outputs_identical']}; 'continuous int8' = "
         f"int8 weights, route w8a8_dynamic")
     if s.get("sweep"):
-        rows = {**{k: v for k, v in s["sweep"].items()},
-                s["max_batch"]: {"static": s["static"], "continuous": s["continuous"]}}
+        rows = sweep_rows(s)
         seq = s["sequential"]["tok_s"]
         say(f"  batch slots: {'slots':>5s} {'static tok/s':>12s} {'continuous':>11s} {'cont/static':>11s} "
             f"{'cont/seq':>8s} {'static steps':>12s} {'cont steps':>10s}")
@@ -405,8 +412,8 @@ def draw_chart(results: dict, path: Path) -> None:
             ax.set_title(f"{name}: {title}", fontsize=9)
         s = r.get("serving", {})
         if s.get("sweep"):
-            ax = axes[row][3]
-            rows = {**s["sweep"], s["max_batch"]: {"static": s["static"], "continuous": s["continuous"]}}
+            ax = axes[row][len(panels)]
+            rows = sweep_rows(s)
             slots = sorted(rows)
             for policy, color in (("static", "#2a7"), ("continuous", "#47c")):
                 ax.plot(slots, [rows[n][policy]["tok_s"] for n in slots], "o-", color=color, label=policy)
@@ -417,7 +424,7 @@ def draw_chart(results: dict, path: Path) -> None:
             ax.set_ylabel("tok/s")
             ax.legend(fontsize=8)
             ax.set_title(f"{name}: serving tok/s vs batch slots", fontsize=9)
-        for ax in axes[row][len(panels):cols - 1 if s.get("sweep") else cols]:
+        for ax in axes[row][len(panels) + bool(s.get("sweep")):]:
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -520,11 +527,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             return fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("sweep", "seed512_sweep"):
-        items = [x.strip() for x in getattr(args, flag).split(",") if x.strip()]
-        if not all(x.isdigit() and int(x) >= 1 for x in items):
+        try:
+            items = [int(x) for x in getattr(args, flag).split(",") if x.strip()]
+        except ValueError:
+            items = [0]
+        if any(x < 1 for x in items):
             return fail(f"--{flag.replace('_', '-')} takes comma-separated positive integers, got "
                         f"{getattr(args, flag)!r}")
-        setattr(args, flag, [int(x) for x in items])
+        setattr(args, flag, items)
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     if not args.sections or set(args.sections) - {"decode", "int8", "serving"}:
         return fail(f"--sections takes decode, int8 and/or serving, got {args.sections!r}")

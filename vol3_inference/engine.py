@@ -49,9 +49,9 @@ def gemv_layout(w: torch.Tensor) -> torch.Tensor:
     same values stored column-major (`w.t()` is contiguous), else unchanged (row-major).
 
     `F.linear(x, w)` computes x @ w.t(); with w.t() contiguous, MKL's sgemm streams the (in, out)
-    matrix row by row. Measured on this machine (1 thread, the weights of a whole forward cycled so
-    they come from DRAM, not cache): seed512's matmuls 1.55x faster at 1 token, 1.1-1.3x at 4-256;
-    the cpu preset's 1.0-1.2x. For bfloat16 the same layout was 7x slower, so it stays row-major.
+    matrix row by row. Measured by `python -m vol3_inference.probes layout` (chapter 3, section 4):
+    faster for fp32 at every batch size timed, most at one row (about 1.4x for seed512's matrices
+    coming from DRAM); for bfloat16 the same layout was about 7x slower, so it stays row-major.
     The shape, and every result, are unchanged; only the strides differ.
     """
     return w.t().contiguous().t() if w.dtype == torch.float32 else w.contiguous()
@@ -102,8 +102,10 @@ class ModelWeights:
                 ffn_norm=get(p + "ffn_norm.weight"),
                 w13=mat(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
                 w2=mat(p + "feed_forward.w2.weight")))
-        emb = mat("tok_embeddings.weight")
-        out = emb if config.tie_embeddings else mat("output.weight")
+        if config.tie_embeddings:  # one matrix: the LM head's layout (the lookup reads rows of it anyway)
+            emb = out = mat("tok_embeddings.weight")
+        else:  # the lookup reads rows: keep them contiguous
+            emb, out = get("tok_embeddings.weight"), mat("output.weight")
         return cls(config, emb, layers, get("norm.weight"), out, dtype)
 
     @classmethod
