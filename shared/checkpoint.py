@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_dir_atomically(out: Path, write: Callable[[Path], None], marker: str, what: str) -> Path:
+    """Fill a folder all at once: `write(tmp)` fills a sibling temp folder, every file in it is
+    fsynced, then it is renamed over `out`. A reader sees the old folder or the new one, never half.
+
+    `out` may be missing, empty, or an earlier folder of the same kind (it holds `marker`); anything
+    else raises CheckpointError ("refusing to replace ... not `what`") before writing. If `write`
+    fails, the temp folder is removed and `out` is untouched. A crash between the two renames leaves
+    the previous folder at `<out>.old`; the next write clears it. Returns `out`.
+    """
+    if out.exists() and not (out.is_dir() and ((out / marker).exists() or not any(out.iterdir()))):
+        raise CheckpointError(f"refusing to replace {out}: it exists and is not {what}")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f"{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        # `out` is complete (it only ever appears by renaming a finished temp dir), so any `.old`
+        # is older still and can go.
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)  # if `out` was missing and `.old` exists, `.old` stays until this succeeds
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(path: str | Path, model: Mapping[str, Any], config: ModelConfig, *,
                     tokenizer: dict | None = None, train_state: dict | None = None,
                     optimizer: Mapping[str, Any] | None = None) -> Path:
@@ -178,27 +217,13 @@ def save_checkpoint(path: str | Path, model: Mapping[str, Any], config: ModelCon
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"tokenizer/train_state must be JSON-serializable: {e}") from None
 
-    if path.exists() and not (path.is_dir() and ((path / META_FILE).exists() or not any(path.iterdir()))):
-        raise CheckpointError(f"refusing to replace {path}: it exists and is not a checkpoint directory")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f"{path.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_synced(tmp / MODEL_FILE, _to_safetensors_bytes(model))
-    if optimizer is not None:
-        _write_synced(tmp / OPTIMIZER_FILE, _to_safetensors_bytes(optimizer))
-    _write_synced(tmp / META_FILE, (meta + "\n").encode())
-    _fsync_dir(tmp)
+    def write(tmp: Path) -> None:
+        _write_synced(tmp / MODEL_FILE, _to_safetensors_bytes(model))
+        if optimizer is not None:
+            _write_synced(tmp / OPTIMIZER_FILE, _to_safetensors_bytes(optimizer))
+        _write_synced(tmp / META_FILE, (meta + "\n").encode())
 
-    if path.exists():
-        # `path` is complete (it only ever appears by renaming a finished temp dir), so any `.old`
-        # is older still and can go.
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)  # if `path` was missing and `.old` exists, `.old` stays until this succeeds
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    return write_dir_atomically(path, write, META_FILE, "a checkpoint directory")
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -19,15 +19,6 @@ from vol1_numpy.model_checks import check_adamw, check_model, make_batch, shared
 from vol1_numpy.optim import AdamW, clip_grad_norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine waiting threads cost ~100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @st.composite
 def configs(draw):
     """Odd LLaMA configs: MHA, GQA and MQA; non-power-of-two widths; even head_dim; tied or not.

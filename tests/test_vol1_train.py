@@ -20,13 +20,6 @@ from vol2_torch import train as v2train
 EXCERPT = "tests/data/excerpt.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("warmup,max_steps", [(0, 1), (5, 50), (20, 200), (10, 10)])
 def test_lr_schedule_equals_vol2(warmup, max_steps):

@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip(
     "transformers", reason="the Hugging Face parity tests need transformers: pip install -e '.[test]'")
+from conftest import randomize_norms  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -48,12 +49,7 @@ def make_model(config: ModelConfig, seed: int = 0) -> Transformer:
     """Our tiny model, eval mode, with random norm weights (init sets them to 1, which would hide a
     mixed-up norm name)."""
     torch.manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_norms(Transformer(config))
 
 
 def make_hf_model(n_kv_heads: int, tied: bool, seed: int = 0) -> LlamaForCausalLM:
@@ -63,12 +59,7 @@ def make_hf_model(n_kv_heads: int, tied: bool, seed: int = 0) -> LlamaForCausalL
                          rms_norm_eps=1e-6, rope_theta=1000.0, tie_word_embeddings=tied,
                          attn_implementation="eager")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_norms(LlamaForCausalLM(config))
 
 
 def load_hf(folder) -> LlamaForCausalLM:

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_norms
 
 from shared.checkpoint import expected_shapes
 from shared.config import PRESETS, ModelConfig
@@ -21,25 +22,11 @@ TOL = dict(atol=1e-5, rtol=1e-5)  # fp32, same math in a different order
 TINY = PRESETS["tiny"]  # dim 32, 2 layers, 4 heads, 2 KV heads, vocab 300, max_seq_len 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
-    waiting for each other make each small op ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_model(config: ModelConfig = TINY, seed: int = 0) -> Transformer:
     """A tiny model in eval mode whose norm weights are random too (init sets them to 1)."""
     torch.manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_norms(Transformer(config))
 
 
 def tokens(B: int, T: int, V: int = TINY.vocab_size, seed: int = 1) -> torch.Tensor:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +51,7 @@ from shared.checkpoint import (
     expected_shapes,
     load_checkpoint,
     save_checkpoint,
+    write_dir_atomically,
 )
 from shared.config import ModelConfig
 
@@ -278,33 +278,6 @@ def _resolve_source(src, config: ModelConfig | None, tokenizer: dict | None):
     return dict(src), config, tokenizer
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_dir_atomically(out: Path, write) -> None:
-    """Call write(tmp) on a sibling temp dir, then swap it in for `out` (the old one, if any, is removed)."""
-    if out.exists() and not (out.is_dir() and ((out / HF_CONFIG_FILE).exists() or not any(out.iterdir()))):
-        raise ValueError(f"refusing to replace {out}: it exists and is not a Hugging Face model folder")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f"{out.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            _fsync_file(f)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_hf(ckpt_or_model_state, config: ModelConfig | None, out_dir: str | os.PathLike, *,
               tokenizer: dict | None = None, dtype: str = "float32") -> Path:
     """Write a Hugging Face `LlamaForCausalLM` folder equal to our model; return its path.
@@ -344,9 +317,7 @@ def export_hf(ckpt_or_model_state, config: ModelConfig | None, out_dir: str | os
         if tokenizer is not None:
             (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer) + "\n")
 
-    out = Path(out_dir)
-    _write_dir_atomically(out, write)
-    return out
+    return write_dir_atomically(Path(out_dir), write, HF_CONFIG_FILE, "a Hugging Face model folder")
 
 
 # --- import ---------------------------------------------------------------------------------------
