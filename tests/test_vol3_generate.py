@@ -92,8 +92,10 @@ def test_bench_workload_and_serving_harness(tmp_path):
     weights = ModelWeights.from_model(Transformer(CONFIG.replace(max_seq_len=200)).double())
     work = bench.make_workload(6, 200, lambda rng, n: [int(t) for t in rng.integers(0, 300, n)])
     work = [(p, min(n, 20)) for p, n in work]
-    serving = bench.bench_serving(weights, work, max_batch=4, sweep=(2, 4))
+    serving = bench.bench_serving(weights, work, max_batch=4, sweep=(2, 4), rounds=2)
     assert serving["outputs_identical"]
+    for k in ("static", "continuous"):  # two alternating runs each, the kept one the faster
+        assert len(serving[k]["walls"]) == 2 and serving[k]["wall_s"] == min(serving[k]["walls"])
     for k in ("sequential", "static", "continuous"):
         assert serving[k]["output_tokens"] == sum(n for _, n in work)
     assert [p["slots"] for p in serving["sweep"]] == [2]  # the headline slot count is not rerun
@@ -108,7 +110,8 @@ def test_bench_workload_and_serving_harness(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--sweep", "8,x"], ["--sweep", "0"], ["--seed512-sweep", "²"],
-                                  ["--models", "gpt"], ["--sections", "speed"], ["--rounds", "0"]])
+                                  ["--models", "gpt"], ["--sections", "speed"], ["--rounds", "0"],
+                                  ["--serving-rounds", "0"]])
 def test_bench_rejects_bad_flags_in_one_line(argv, tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), "--threads", "1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -260,18 +260,27 @@ def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: 
     return res
 
 
-def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: Sequence[int] = ()) -> dict:
+def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: Sequence[int] = (),
+                  rounds: int = 2) -> dict:
     """Sequential vs static vs continuous batching at `max_batch` slots (plus int8), then static vs
-    continuous again at every other slot count in `sweep` (fp32 only, no traces)."""
-    runs = {
-        "sequential": run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256),
-        "static": run_serving(weights, work, max_batch=max_batch, policy="static",
-                              max_step_tokens=max_batch * 128, trace=True),
-        "continuous": run_serving(weights, work, max_batch=max_batch, policy="continuous",
-                                  max_step_tokens=512, trace=True),
-    }
-    base = runs["sequential"]["outputs"]
-    same = all(r["outputs"] == base for r in runs.values())
+    continuous again at every other slot count in `sweep` (fp32 only, no traces).
+
+    Static and continuous, the pair the headline ratio compares, run `rounds` times alternately and
+    each keeps its fastest run (load from other processes only ever slows a run down); every run's
+    wall time is kept under "walls". The sequential baseline and the sweep run once.
+    """
+    base_run = run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256)
+    base = base_run["outputs"]
+    same = True
+    runs: dict = {"sequential": base_run}
+    for _ in range(rounds):
+        for policy, budget in (("static", max_batch * 128), ("continuous", 512)):
+            r = run_serving(weights, work, max_batch=max_batch, policy=policy, max_step_tokens=budget, trace=True)
+            same = same and r["outputs"] == base
+            walls = runs[policy]["walls"] if policy in runs else []
+            if policy not in runs or r["wall_s"] < runs[policy]["wall_s"]:
+                runs[policy] = r
+            runs[policy]["walls"] = walls + [r["wall_s"]]
     # The same scheduler on int8 weights with the int8 x int8 route, the fastest at batch > 1 on this
     # CPU (python -m vol3_inference.quant); its tokens may differ from fp32's, so it is not in `same`.
     with int8_route("w8a8_dynamic"):
@@ -363,6 +372,10 @@ def print_serving(r: dict) -> None:
         say(f"  {k:15s} {x['tok_s']:8.1f} {x['tok_s'] / s['sequential']['tok_s']:6.2f}x {x['wall_s']:7.1f} "
             f"{x['steps']:6d} {x['ttft_s']['p50']:7.2f}/{x['ttft_s']['p95']:<7.2f} "
             f"{x['tpot_ms']['p50']:7.1f}/{x['tpot_ms']['p95']:<8.1f} {x['preemptions']:7d}")
+    if len(s["static"].get("walls", [])) > 1:
+        say("  static and continuous: the fastest of {} alternating runs (wall s: static {}, continuous {})".format(
+            len(s["static"]["walls"]), " / ".join(f"{w:.1f}" for w in s["static"]["walls"]),
+            " / ".join(f"{w:.1f}" for w in s["continuous"]["walls"])))
     say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
         f"tokens identical across the fp32 runs (sweep included): {s['outputs_identical']}; 'continuous int8' = "
         f"int8 weights, route w8a8_dynamic")
@@ -487,7 +500,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
     if "serving" in args.sections:
         say(f"[{name}] serving {n_requests} requests ...")
         work = make_workload(n_requests, weights.config.max_seq_len, prompt_source, max_output=max_output)
-        res["serving"] = bench_serving(weights, work, max_batch, max_output, sweep)
+        res["serving"] = bench_serving(weights, work, max_batch, max_output, sweep, args.serving_rounds)
     return res
 
 
@@ -507,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16,
                    help="batch slots (= KV memory) for static and continuous batching (trained)")
     p.add_argument("--seed512-max-batch", type=int, default=16, help="--max-batch for seed512")
+    p.add_argument("--serving-rounds", type=int, default=2,
+                   help="alternating runs of static and continuous batching; each keeps its fastest")
     p.add_argument("--sweep", default="8,32",
                    help="more batch-slot counts at which static and continuous are rerun (trained); '' for none")
     p.add_argument("--seed512-sweep", default="",
@@ -522,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"trained", "seed512"}:
         return fail(f"--models takes trained and/or seed512, got {args.models!r}")
-    for flag in ("rounds", "new_tokens", "requests", "max_batch", "val_tokens", "agree_prompts",
+    for flag in ("rounds", "serving_rounds", "new_tokens", "requests", "max_batch", "val_tokens", "agree_prompts",
                  "seed512_new_tokens", "seed512_requests", "seed512_max_batch", "seed512_max_output"):
         if getattr(args, flag) < 1:
             return fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
