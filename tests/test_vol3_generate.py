@@ -116,3 +116,11 @@ def test_bench_rejects_bad_flags_in_one_line(argv, tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), "--threads", "1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a missing CUDA device")
+def test_cuda_asked_for_without_one_is_one_clear_line(ckpt, tmp_path, capsys):
+    assert main(["--ckpt", str(ckpt), "--prompt", "To be", "--device", "cuda"]) == 2
+    assert bench.main(["--out", str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("error:") and "CUDA" in e for e in err), err

@@ -39,6 +39,7 @@ from shared.cli import ArgumentParser, fail
 from shared.config import get_preset
 from shared.threads import describe as describe_threads
 from shared.threads import pick_threads
+from vol2_torch.device import pick_device
 from vol2_torch.model import Transformer
 from vol3_inference.engine import Engine, ModelWeights, generate_naive, tune_allocator
 from vol3_inference.kv_cache import kv_bytes_per_token
@@ -53,25 +54,35 @@ def say(*a) -> None:
     print(*a, flush=True)
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so a timer around it measures it (nothing to do on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_rates(fns: dict, rounds: int, n_tokens: int) -> dict[str, float]:
     """Median tokens/s of each fn (which produces n_tokens), timed round-robin."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             times[k].append(time.perf_counter() - t0)
     return {k: n_tokens / statistics.median(v) for k, v in times.items()}
 
 
-def memory_bandwidth_gbs(n_bytes: int = 256 * 2**20, rounds: int = 5) -> float:
-    """Read bandwidth: median time to sum a float32 array far larger than the caches."""
-    x = torch.ones(n_bytes // 4)
+def memory_bandwidth_gbs(n_bytes: int = 256 * 2**20, rounds: int = 5, device: str = "cpu") -> float:
+    """Read bandwidth: median time to sum a float32 array far larger than the caches, on `device`."""
+    x = torch.ones(n_bytes // 4, device=device)
     x.sum()
     ts = []
     for _ in range(rounds):
+        _sync()
         t0 = time.perf_counter()
         x.sum()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return n_bytes / statistics.median(ts) / 1e9
 
@@ -132,7 +143,7 @@ def bench_decode(model, weights, hf, prompt: list[int], n_new: int, rounds: int)
 
     @torch.inference_mode()
     def hf_generate():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new,
+        out = hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=n_new, min_new_tokens=n_new,
                           do_sample=False, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
@@ -175,7 +186,7 @@ def validation_bpb(weights: ModelWeights, val: np.ndarray, tokenizer, n_tokens: 
         n = int((y[0] >= 0).sum())
         logits = engine.prefill("bpb", x[0, :n].tolist(), all_logits=True)  # (n, V)
         engine.release("bpb")
-        nll += F.cross_entropy(logits.double(), torch.from_numpy(y[0, :n]), reduction="sum").item()
+        nll += F.cross_entropy(logits.double().cpu(), torch.from_numpy(y[0, :n]), reduction="sum").item()
         n_bytes += int(byte_len[y[0, :n]].sum())
     return nll / math.log(2) / n_bytes
 
@@ -480,6 +491,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
                 sweep: Sequence[int] = ()) -> dict:
     rng = np.random.default_rng(1)
     prompt = prompt_source(rng, 16)
+    weights, model = weights.to(args.device), model.to(args.device)
     res = {"config": weights.config.to_dict(), "rounds": args.rounds}
     res["weight_mb"] = weights.total_bytes() / 1e6
     res["bandwidth_gbs"] = args.bandwidth
@@ -488,7 +500,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
         weights.config, layout="mha")}
     if "decode" in args.sections:
         say(f"\n[{name}] exporting to Hugging Face format and loading LlamaForCausalLM ...")
-        hf = hf_model(model, out_dir / f"hf-{name.split()[0]}", tokenizer_dict)  # hf-trained, hf-seed512
+        hf = hf_model(model, out_dir / f"hf-{name.split()[0]}", tokenizer_dict).to(args.device)  # hf-trained, hf-seed512
         say(f"[{name}] decode at batch 1 ...")
         res["decode"] = bench_decode(model, weights, hf, prompt, n_new, args.rounds)
         del hf
@@ -510,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="skip the trained model if it is missing")
     p.add_argument("--models", default="trained,seed512", help="comma-separated: trained, seed512")
     p.add_argument("--sections", default="decode,int8,serving", help="comma-separated: decode, int8, serving")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where every variant runs: auto = cuda when torch sees one, else cpu")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads for every variant, or 'auto': time 1 vs 2 and keep the faster")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
@@ -553,23 +567,29 @@ def main(argv: list[str] | None = None) -> int:
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     if not args.sections or set(args.sections) - {"decode", "int8", "serving"}:
         return fail(f"--sections takes decode, int8 and/or serving, got {args.sections!r}")
-    if args.threads == "auto":
+    if args.threads != "auto" and (not args.threads.isdigit() or int(args.threads) < 1):
+        return fail(f"--threads must be a positive integer or 'auto', got {args.threads!r}")
+    try:
+        args.device = str(pick_device(args.device))
+    except ValueError as e:
+        return fail(str(e))
+    if args.threads == "auto" and args.device == "cpu":
         args.threads, thread_times = pick_threads()
         say(describe_threads(args.threads, thread_times))
-    elif not args.threads.isdigit() or int(args.threads) < 1:
-        return fail(f"--threads must be a positive integer or 'auto', got {args.threads!r}")
-    args.threads = int(args.threads)
+    args.threads = torch.get_num_threads() if args.threads == "auto" else int(args.threads)
     torch.set_num_threads(args.threads)
-    malloc_tuned = not args.no_tune_malloc and tune_allocator()
+    malloc_tuned = args.device == "cpu" and not args.no_tune_malloc and tune_allocator()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    args.bandwidth = memory_bandwidth_gbs()
+    args.bandwidth = memory_bandwidth_gbs(device=args.device)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                           "threads": args.threads, "torch": torch.__version__, "malloc_tuned": malloc_tuned,
+                           "device": args.device, "gpu": gpu, "threads": args.threads, "torch": torch.__version__, "malloc_tuned": malloc_tuned,
                            "read_bandwidth_gbs": args.bandwidth},
                "models": {}}
-    say(f"torch {torch.__version__}, {args.threads} thread(s), read bandwidth {args.bandwidth:.1f} GB/s, "
+    say(f"torch {torch.__version__}, device {gpu or args.device}, {args.threads} thread(s), "
+        f"read bandwidth {args.bandwidth:.1f} GB/s, "
         f"int8 route {INT8_ROUTE}, glibc malloc thresholds raised: {malloc_tuned}")
 
     if "trained" in models and ensure_trained(Path(args.ckpt), not args.no_train):

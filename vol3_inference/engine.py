@@ -137,6 +137,29 @@ class ModelWeights:
         return ModelWeights(self.config, emb, layers, self.norm, out, self.dtype,
                             quant="int8" + ("" if lm_head else "-body"), quant_max_error=max(errs))
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
+    def to(self, device: torch.device | str) -> ModelWeights:
+        """The same weights on `device` (a copy unless they are there already); the engine runs where
+        its weights are. Tied embeddings stay one tensor."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved: dict[int, Weight] = {}
+
+        def mv(w):
+            if id(w) not in moved:
+                moved[id(w)] = (Int8Weight(w.q.to(device), w.scale.to(device)) if isinstance(w, Int8Weight)
+                                else w.to(device))
+            return moved[id(w)]
+
+        layers = [LayerWeights(*(mv(getattr(L, f)) for f in ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2")))
+                  for L in self.layers]
+        return ModelWeights(self.config, mv(self.tok_embeddings), layers, mv(self.norm), mv(self.output),
+                            self.dtype, self.quant, self.quant_max_error)
+
     def linear_bytes(self) -> int:
         """Bytes of the weights the linear layers read (per-layer matrices and the LM head)."""
         def nb(w):
@@ -168,7 +191,7 @@ class Engine:
     """Runs `ModelWeights` over chunks of many sequences, with a `PagedKVCache`.
 
     Args:
-        weights: the model.
+        weights: the model; the engine, its cache and every tensor it makes live on its device.
         n_blocks / block_size: cache geometry; default room for 4 full-length sequences.
         backend: op set from `ops.BACKENDS` ("torch").
     """
@@ -177,12 +200,13 @@ class Engine:
                  backend: str = "torch"):
         c = weights.config
         self.weights, self.config, self.backend = weights, c, backend
+        self.device = weights.device
         self.ops = get_ops(backend)
         n_blocks = n_blocks or 4 * -(-c.max_seq_len // block_size)
-        self.cache = PagedKVCache(c, n_blocks, block_size, dtype=weights.dtype)
+        self.cache = PagedKVCache(c, n_blocks, block_size, dtype=weights.dtype, device=self.device)
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
         real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
-        self.rope_freqs = torch.complex(cos.to(real), sin.to(real))  # cos + i sin, (max_seq_len, hd/2)
+        self.rope_freqs = torch.complex(cos.to(real), sin.to(real)).to(self.device)  # cos + i sin, (max_seq_len, hd/2)
         self._ids = itertools.count()
 
     # --- the forward ---------------------------------------------------------------------------
@@ -234,9 +258,10 @@ class Engine:
             positions.extend(range(ch.start_pos, ch.start_pos + len(ch.tokens)))
             slots.extend(mgr.append(ch.seq, len(ch.tokens)))
         N = len(tokens)
-        tok = torch.tensor(tokens, dtype=torch.long)
-        pos = torch.tensor(positions, dtype=torch.long)
-        slot = torch.tensor(slots, dtype=torch.long)
+        dev = self.device
+        tok = torch.tensor(tokens, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        slot = torch.tensor(slots, dtype=torch.long, device=dev)
         freqs = self.rope_freqs[pos]  # (N, hd/2) complex
         # Batched decode attention pads every sequence to the longest one in its call. Mixing short and
         # long contexts (what continuous batching does) would waste up to half of that work, so the
@@ -247,11 +272,12 @@ class Engine:
             r0, r1 = g * n_dec // n_groups, (g + 1) * n_dec // n_groups
             tables = [mgr.tables[ch.seq] for ch in chunks[r0:r1]]
             width = max(map(len, tables))
-            dec_groups.append((r0, r1, torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
-                               torch.tensor([ch.start_pos + 1 for ch in chunks[r0:r1]], dtype=torch.long)))
+            dec_groups.append((r0, r1, torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long,
+                                                    device=dev),
+                               torch.tensor([ch.start_pos + 1 for ch in chunks[r0:r1]], dtype=torch.long, device=dev)))
         prefills, row = [], n_dec  # (first row, T, start_pos, block table)
         for ch in chunks[n_dec:]:
-            prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq)))
+            prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq).to(dev)))
             row += len(ch.tokens)
 
         x = self._embed(tok)  # (N, D)
@@ -282,7 +308,8 @@ class Engine:
             bounds = list(itertools.accumulate([len(ch.tokens) for ch in chunks], initial=0))
             outs = [logits[a:b] for a, b in itertools.pairwise(bounds)]
         else:
-            last = torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long) - 1
+            last = torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long,
+                                device=dev) - 1
             h = ops.rmsnorm(x[last], self.weights.norm, c.norm_eps)  # (B, D)
             outs = list(ops.linear(h, self.weights.output).unbind(0))  # B x (V,)
         result: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
@@ -376,7 +403,7 @@ def generate_naive(model, prompt: Sequence[int], max_new_tokens: int,
     seq = list(prompt)
     out: list[int] = []
     while len(out) < max_new_tokens:
-        logits = model(torch.tensor([seq]))[0, -1]  # (V,)
+        logits = model(torch.tensor([seq], device=next(model.parameters()).device))[0, -1]  # (V,)
         tok = sample_token(logits, params, gen, torch.tensor(seq) if params.repetition_penalty != 1 else None)
         out.append(tok)
         seq.append(tok)

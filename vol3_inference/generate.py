@@ -17,6 +17,7 @@ import torch
 
 from shared.cli import ArgumentParser, fail
 from shared.threads import pick_threads
+from vol2_torch.device import pick_device
 from vol3_inference.engine import tune_allocator
 from vol3_inference.load import QUANT_MODES
 from vol3_inference.quant import INT8_ROUTE, INT8_ROUTES, int8_route
@@ -44,7 +45,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--int8-route", choices=sorted(INT8_ROUTES), default=INT8_ROUTE,
                    help="how int8 matmuls run (see python -m vol3_inference.quant)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (default: time 1 vs 2 on a matmul and keep the faster)")
+                   help="torch intra-op threads on CPU (default: time 1 vs 2 on a matmul and keep the faster)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the engine runs: auto = cuda when torch sees one, else cpu")
     return p
 
 
@@ -54,14 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--stream takes exactly one --prompt")
     if args.threads < 0:
         return fail(f"--threads must be >= 0, got {args.threads}")
-    torch.set_num_threads(args.threads or pick_threads(rounds=3)[0])
-    tune_allocator()
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        return fail(str(e))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or pick_threads(rounds=3)[0])
+        tune_allocator()
     try:
         params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens,
                                  seed=None if args.seed is None else args.seed + i, stop=tuple(args.stop))
                   for i in range(len(args.prompt))]
-        llm = LLM.from_path(args.ckpt, quant=args.quant)
+        llm = LLM.from_path(args.ckpt, quant=args.quant, device=device)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         return fail(str(e).splitlines()[0])
     if llm.tokenizer is None:
@@ -83,7 +91,7 @@ def _run(llm: LLM, args, params: list[SamplingParams]) -> int:
             print(out.new_text, end="", flush=True)
             n = len(out.token_ids)
         print()
-        print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+        print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, {_where(llm)}]", file=sys.stderr)
         return 0
     outs = llm.generate(args.prompt, params)
     for prompt, out in zip(args.prompt, outs, strict=True):
@@ -92,8 +100,13 @@ def _run(llm: LLM, args, params: list[SamplingParams]) -> int:
     n = sum(len(o.token_ids) for o in outs)
     for prompt, out in zip(args.prompt, outs, strict=True):
         print(f"--- {prompt!r} ({out.finish_reason})\n{prompt}{out.text}")
-    print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+    print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, {_where(llm)}]", file=sys.stderr)
     return 0
+
+
+def _where(llm: LLM) -> str:
+    device = llm.engine.device
+    return f"device {device}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else "")
 
 
 if __name__ == "__main__":

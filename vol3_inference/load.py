@@ -19,9 +19,10 @@ from vol3_inference.engine import ModelWeights
 QUANT_MODES = (None, "int8", "int8-body")  # int8-body: every linear but the LM head / embedding
 
 
-def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32,
-                 quant: str | None = None) -> tuple[ModelWeights, Tokenizer | None]:
-    """(weights, tokenizer or None) from a checkpoint directory or a Hugging Face Llama folder.
+def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant: str | None = None,
+                 device: torch.device | str = "cpu") -> tuple[ModelWeights, Tokenizer | None]:
+    """(weights, tokenizer or None) from a checkpoint directory or a Hugging Face Llama folder, on
+    `device` (quantized, if asked, before they move).
 
     Raises:
         FileNotFoundError: `path` is neither kind of folder.
@@ -44,4 +45,4 @@ def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32,
     weights = ModelWeights.from_state_dict(state, config, dtype)
     if quant is not None:
         weights = weights.quantize(lm_head=quant == "int8")
-    return weights, (Tokenizer.from_dict(tok) if tok is not None else None)
+    return weights.to(device), (Tokenizer.from_dict(tok) if tok is not None else None)

@@ -101,7 +101,7 @@ def _int8pack_bf16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 def _w8a8_dynamic(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     # fbgemm's int8 x int8 GEMM: activations are quantized on the fly, per tensor, to 7 bits
     # ("reduce_range", which avoids int16 overflow in AVX2's vpmaddubsw), the int32 result rescaled.
-    if x.dtype != torch.float32:
+    if x.dtype != torch.float32 or x.device.type != "cpu":  # fbgemm: float32 on the CPU only
         return _dequant(x, w)
     packed = w._fbgemm
     if packed is None:

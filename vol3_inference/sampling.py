@@ -122,8 +122,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                  seen: torch.Tensor | None = None) -> int:
-    """One token id from logits (V,) following `params`; `seen` (n,) int64 are prompt + output ids."""
-    z = logits.double()
+    """One token id from logits (V,) following `params`; `seen` (n,) int64 are prompt + output ids.
+    Sampling runs in float64 on the CPU, whatever device the logits come from (the generator is a
+    CPU one, so a seeded run draws the same tokens on any device)."""
+    z = logits.detach().to("cpu", torch.float64)
     if seen is not None:
         z = apply_repetition_penalty(z, seen, params.repetition_penalty)
     if params.greedy:

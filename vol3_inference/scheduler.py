@@ -301,11 +301,13 @@ class LLM:
                                    max_step_tokens=max_step_tokens, policy=policy)
 
     @classmethod
-    def from_path(cls, path, *, dtype: torch.dtype = torch.float32, quant: str | None = None, **kw) -> LLM:
-        """Load a Volume 2 checkpoint directory or a Hugging Face Llama folder (see `load.py`)."""
+    def from_path(cls, path, *, dtype: torch.dtype = torch.float32, quant: str | None = None,
+                  device: torch.device | str = "cpu", **kw) -> LLM:
+        """Load a Volume 2 checkpoint directory or a Hugging Face Llama folder (see `load.py`) onto
+        `device`."""
         from vol3_inference.load import load_weights
 
-        weights, tokenizer = load_weights(path, dtype=dtype, quant=quant)
+        weights, tokenizer = load_weights(path, dtype=dtype, quant=quant, device=device)
         return cls(weights, tokenizer, **kw)
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
