@@ -192,3 +192,12 @@ def test_engine_on_cuda_matches_cpu():
                                atol=1e-4, rtol=1e-4)
     out = gpu.generate(prompt, SamplingParams(max_tokens=20, temperature=0.8, seed=1))  # decode steps on the GPU
     assert len(out) == 20 and all(0 <= t < 128 for t in out)
+
+
+def test_forward_rejects_token_ids_outside_the_vocabulary_and_changes_nothing():
+    torch.manual_seed(0)
+    e = Engine(ModelWeights.from_model(Transformer(BASE)))
+    for bad in ([1, BASE.vocab_size], [-1, 2]):
+        with pytest.raises(ValueError, match="token ids"):
+            e.forward([Chunk("s", bad, 0)])
+        assert e.cache.length("s") == 0 and e.cache.manager.used_blocks == 0

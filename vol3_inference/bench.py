@@ -147,8 +147,11 @@ def bench_decode(model, weights, hf, prompt: list[int], n_new: int, rounds: int)
                           do_sample=False, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
+    generate_naive(model, prompt, 2)  # warm-up (kernel choice, allocator), then one timed run
+    _sync()
     t0 = time.perf_counter()
     tokens = {"full recompute": naive()}  # O(S^2): one timed run (it is the slowest by far)
+    _sync()
     naive_rate = n_new / (time.perf_counter() - t0)
     tokens.update({"KV cache": ours(), "HF generate": hf_generate()})
     rates = {"full recompute": naive_rate,
@@ -194,6 +197,17 @@ def validation_bpb(weights: ModelWeights, val: np.ndarray, tokenizer, n_tokens: 
 INT8_COMPARED = ("int8pack_bf16", "w8a8_dynamic")  # weight-only vs int8 x int8 (see quant.py)
 
 
+def int8_routes(device: torch.device) -> tuple[str, ...]:
+    """The int8 routes compared on `device`: on the CPU the weight-only kernel vs fbgemm's int8 x int8;
+    fbgemm runs on the CPU only, so elsewhere the weight-only kernel vs the dequantize reference."""
+    return INT8_COMPARED if device.type == "cpu" else ("int8pack_bf16", "dequant")
+
+
+def serving_int8_route(device: torch.device) -> str:
+    """The route of the 'continuous int8' serving run: the fastest at batch > 1 on this CPU."""
+    return "w8a8_dynamic" if device.type == "cpu" else INT8_ROUTE
+
+
 def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: int,
                val=None, tokenizer=None, val_tokens: int = 0, seq_len: int = 256) -> dict:
     fp, q8 = Engine(weights), Engine(qweights)
@@ -205,11 +219,12 @@ def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: 
 
     ref = [fp.generate(p, greedy) for p in prompts]
     prefixes = {}
-    for r in INT8_COMPARED:  # also the warm-up: w8a8 packs its weights on first use
+    routes = int8_routes(qweights.device)
+    for r in routes:  # also the warm-up: w8a8 packs its weights on first use
         with int8_route(r):
             prefixes[r] = [_common_prefix(a, q8.generate(p, greedy)) for a, p in zip(ref, prompts, strict=True)]
     fns = {"fp32": lambda: fp.generate(prompts[0], greedy)}
-    fns.update({r: (lambda r=r: run_route(r)) for r in INT8_COMPARED})
+    fns.update({r: (lambda r=r: run_route(r)) for r in routes})
     rates = median_rates(fns, rounds, n_new)
     out = {"linear_bytes": {"fp32": weights.linear_bytes(), "int8": qweights.linear_bytes()},
            "total_bytes": {"fp32": weights.total_bytes(), "int8": qweights.total_bytes()},
@@ -219,7 +234,7 @@ def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: 
     if val is not None:
         t0 = time.perf_counter()
         bpb = {"fp32": validation_bpb(weights, val, tokenizer, val_tokens, seq_len)}
-        for r in INT8_COMPARED:
+        for r in routes:
             with int8_route(r):
                 bpb[r] = validation_bpb(qweights, val, tokenizer, val_tokens, seq_len)
         out["val_bpb"] = {**bpb, "val_tokens": val_tokens}
@@ -294,9 +309,11 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
             runs[policy]["walls"] = walls + [r["wall_s"]]
     # The same scheduler on int8 weights with the int8 x int8 route, the fastest at batch > 1 on this
     # CPU (python -m vol3_inference.quant); its tokens may differ from fp32's, so it is not in `same`.
-    with int8_route("w8a8_dynamic"):
+    route = serving_int8_route(weights.device)
+    with int8_route(route):
         runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
                                               policy="continuous", max_step_tokens=512)
+    runs["continuous int8"]["route"] = route
     swept = []  # [{"slots": n, "static": run, "continuous": run}], a list so the JSON keeps ints
     for slots in sorted(set(sweep) - {max_batch}):
         say(f"  ... static and continuous with {slots} batch slots")
@@ -361,7 +378,7 @@ def print_int8(r: dict) -> None:
     say(f"  {'':16s} {'decode tok/s':>12s} {'vs fp32':>8s} {'val bpb':>9s} {'vs fp32':>8s} "
         f"{'greedy = fp32 for first (min/median) tokens':>45s}")
     b = q.get("val_bpb")
-    for k in ("fp32", *INT8_COMPARED):
+    for k in tq:  # fp32 first, then the routes compared on this device
         bpb = f"{b[k]:9.4f} {100 * (b[k] / b['fp32'] - 1):+7.2f}%" if b else f"{'n/a':>9s} {'':8s}"
         g = q["greedy_common_prefix"].get(k)
         agree = f"{g['min']}/{g['median']:.0f} of {g['of']} ({g['prompts']} prompts)" if g else "-"
@@ -389,7 +406,7 @@ def print_serving(r: dict) -> None:
             " / ".join(f"{w:.1f}" for w in s["continuous"]["walls"])))
     say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
         f"tokens identical across the fp32 runs (sweep included): {s['outputs_identical']}; 'continuous int8' = "
-        f"int8 weights, route w8a8_dynamic")
+        f"int8 weights, route {s['continuous int8'].get('route', 'w8a8_dynamic')}")
     if s.get("sweep"):
         rows = sweep_rows(s)
         seq = s["sequential"]["tok_s"]

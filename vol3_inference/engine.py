@@ -145,7 +145,8 @@ class ModelWeights:
         """The same weights on `device` (a copy unless they are there already); the engine runs where
         its weights are. Tied embeddings stay one tensor."""
         device = torch.device(device)
-        if device == self.device:
+        here = self.device
+        if device.type == here.type and device.index in (None, here.index):  # "cuda" is "cuda:0" here
             return self
         moved: dict[int, Weight] = {}
 
@@ -227,7 +228,7 @@ class Engine:
         Raises:
             OutOfBlocks: the cache cannot hold the new tokens (nothing is changed).
             ValueError: a start_pos that does not match the cache, a repeated sequence, an empty
-                chunk, or positions past max_seq_len.
+                chunk, positions past max_seq_len, or token ids outside the vocabulary.
         """
         c, ops, mgr = self.config, self.ops, self.cache.manager
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
@@ -243,6 +244,8 @@ class Engine:
             if ch.start_pos + len(ch.tokens) > c.max_seq_len:
                 raise ValueError(f"sequence {ch.seq!r}: {ch.start_pos + len(ch.tokens)} tokens exceed "
                                  f"max_seq_len={c.max_seq_len}")
+            if min(ch.tokens) < 0 or max(ch.tokens) >= c.vocab_size:  # on a GPU a bad id is a device assert
+                raise ValueError(f"sequence {ch.seq!r}: token ids must be in [0, {c.vocab_size})")
         need = sum(mgr.blocks_needed(ch.seq, len(ch.tokens)) for ch in chunks)
         if need > len(mgr.free):
             raise OutOfBlocks(f"this step needs {need} blocks, {len(mgr.free)} free")
@@ -280,6 +283,8 @@ class Engine:
             prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq).to(dev)))
             row += len(ch.tokens)
 
+        last = (torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long,
+                             device=dev) - 1)  # each chunk's last row (uploaded before the GPU is busy)
         x = self._embed(tok)  # (N, D)
         for li, L in enumerate(self.weights.layers):
             kc, vc = self.cache.k[li], self.cache.v[li]  # (NB, bs, Hkv, hd)
@@ -308,8 +313,6 @@ class Engine:
             bounds = list(itertools.accumulate([len(ch.tokens) for ch in chunks], initial=0))
             outs = [logits[a:b] for a, b in itertools.pairwise(bounds)]
         else:
-            last = torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long,
-                                device=dev) - 1
             h = ops.rmsnorm(x[last], self.weights.norm, c.norm_eps)  # (B, D)
             outs = list(ops.linear(h, self.weights.output).unbind(0))  # B x (V,)
         result: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
