@@ -96,6 +96,21 @@ def test_nan_guard_names_step_and_checkpoint(tmp_path, monkeypatch, capsys):
     assert "at step 3" in err and "Last good checkpoint" in err
 
 
+def test_auto_step_count_is_measured_then_measured_again(tmp_path, capsys):
+    """Auto mode fixes the step count after CALIBRATION_STEPS, then once more from the mean step time."""
+    import re
+
+    assert train_mod.main(run_args(tmp_path, "auto", "--max-minutes", "0.15", "--evals", "1")) == 0
+    out = capsys.readouterr().out
+    first = re.search(r"training for (\d+) steps \(", out)
+    again = re.search(r"s/step over steps 31-(\d+): training for (\d+) steps instead of (\d+)", out)
+    assert first and again, out
+    assert int(again.group(3)) == int(first.group(1)) and int(again.group(1)) <= train_mod.RECALIBRATION_STEPS
+    state = load_checkpoint(tmp_path / "runs" / "auto" / "ckpt").train_state
+    assert state["max_steps"] == int(again.group(2))  # the schedule the run kept is the re-measured one
+    assert state["step"] <= state["max_steps"]
+
+
 def test_max_minutes_is_honoured(tmp_path, capsys):
     assert train_mod.main(run_args(tmp_path, "budget", "--max-steps", "100000", "--max-minutes", "0.0001")) == 0
     state = load_checkpoint(tmp_path / "runs" / "budget" / "ckpt").train_state

@@ -55,6 +55,7 @@ RECIPES = {
     "seed512": dict(batch_size=32, lr=1e-3, warmup_steps=200, max_minutes=30.0),
 }
 CALIBRATION_STEPS = 30  # steps timed before the step count is fixed (auto mode)
+RECALIBRATION_STEPS = 300  # ... and fixed again here, from the mean wall time of the steps since
 
 
 class NonFiniteLoss(RuntimeError):
@@ -373,7 +374,9 @@ def train(args) -> dict:
     t0 = time.perf_counter()
     budget = recipe["max_minutes"] * 60 if recipe["max_minutes"] else float("inf")
     eval_seconds = 0.0
+    eval_spent = 0.0  # seconds of evaluation (and checkpointing) inside the training loop
     timing: list[float] = []
+    recalibrate_at, t_calibrated = None, 0.0
     try:
         if master and resumed is None:
             rec = run_eval(0)
@@ -433,6 +436,28 @@ def train(args) -> dict:
                         f"(~{recipe['max_minutes']:g} min)")
                     if bar is not None:
                         bar.total = max_steps
+                    recalibrate_at = min(RECALIBRATION_STEPS, max_steps // 4)
+                    t_calibrated, eval_spent = time.perf_counter(), 0.0
+            elif recalibrate_at is not None and step == recalibrate_at and recalibrate_at > CALIBRATION_STEPS:
+                # The median of the first steps runs a few % fast (it skips the slow outliers, and the
+                # logging between steps): both clean 10-minute runs stopped ~100 steps short of their
+                # cosine schedule. The mean wall time of the steps since, evaluations excluded, is what
+                # the rest of the run will cost, so the step count is fixed again from it, once.
+                recalibrate_at = None
+                per_step = (time.perf_counter() - t_calibrated - eval_spent) / (step - CALIBRATION_STEPS)
+                evals_left = max(0, args.evals - step // eval_every)
+                left = 0.97 * budget - (time.perf_counter() - t0) - evals_left * eval_seconds
+                new_max = max(step + 1, step + int(left / per_step))
+                if ddp:
+                    holder = [new_max]
+                    dist.broadcast_object_list(holder, src=0)
+                    new_max = holder[0]
+                say(f"\n{per_step:.3f} s/step over steps {CALIBRATION_STEPS + 1}-{step}: training for "
+                    f"{new_max} steps instead of {max_steps}")
+                max_steps = new_max
+                eval_every = max(1, max_steps // max(1, args.evals))
+                if bar is not None:
+                    bar.total = max_steps
             out_of_time = time.perf_counter() - t0 > budget
             want_stop = stop.requested or out_of_time or step == args.stop_at_step
             if ddp:
@@ -440,6 +465,7 @@ def train(args) -> dict:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 want_stop = bool(flag.item())
             if max_steps is not None and (step % eval_every == 0 or step == max_steps or want_stop):
+                t_eval = time.perf_counter()
                 if master:
                     rec = run_eval(step)
                     if bar is not None:
@@ -448,6 +474,7 @@ def train(args) -> dict:
                 save(step)
                 if ddp:
                     dist.barrier()
+                eval_spent += time.perf_counter() - t_eval
             if want_stop:
                 why = "Ctrl-C" if stop.requested else ("time budget" if out_of_time else "--stop-at-step")
                 say(f"\nstopped by {why} at step {step}/{max_steps}; checkpoint {ckpt_dir}; "
