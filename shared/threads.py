@@ -49,3 +49,26 @@ def describe(chosen: int, times: dict[int, float]) -> str:
     """One line: 'threads: 1: 12.3 ms, 2: 9.8 ms for a matmul probe -> using 2'."""
     return ("threads: " + ", ".join(f"{n}: {1e3 * t:.1f} ms" for n, t in times.items())
             + f" for a matmul probe -> using {chosen}")
+
+
+def choose_threads(spec: str, device_type: str = "cpu", shapes: Sequence[tuple[int, int, int]] = DECODE_PROBE,
+                   world_size: int = 1, rounds: int = 7, reps: int = 20) -> tuple[int | None, str]:
+    """The intra-op thread count for `--threads auto|N` on a `device_type` machine, and a line saying why.
+
+    N is used as given. Off the CPU the count hardly matters and is left alone (None). `auto` gives each
+    of `world_size` processes (DDP ranks) an equal share of the cores, and a single process the count
+    that runs the `shapes` probe fastest right now (`pick_threads`).
+    Raises ValueError for a spec that is neither 'auto' nor a positive integer.
+    """
+    if spec != "auto" and not (spec.isdigit() and int(spec) >= 1):
+        raise ValueError(f"--threads must be 'auto' or a positive integer, got {spec!r}")
+    if device_type != "cpu":
+        return None, f"threads: left at torch's {torch.get_num_threads()} (device {device_type})"
+    if spec != "auto":
+        return int(spec), f"threads: {spec} (asked for)"
+    cores = os.cpu_count() or 1
+    if world_size > 1:
+        n = max(1, cores // world_size)
+        return n, f"threads: {n} per rank (auto: {cores} cores / {world_size} ranks)"
+    n, times = pick_threads(shapes, rounds=rounds, reps=reps)
+    return n, describe(n, times)

@@ -1,4 +1,4 @@
-"""shared.threads and vol2_torch.device.pick_cpu_threads: thread counts chosen by timing, torch left as it was."""
+"""shared.threads: thread counts chosen by timing (torch left as it was), and the `--threads auto|N` rule."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from shared.threads import TRAIN_PROBE, describe, pick_threads
-from vol2_torch.device import pick_cpu_threads
+from shared.threads import TRAIN_PROBE, choose_threads, describe, pick_threads
 
 
 def test_pick_threads_times_every_candidate_and_restores_torch():
@@ -21,12 +20,11 @@ def test_pick_threads_times_every_candidate_and_restores_torch():
         pick_threads(TRAIN_PROBE, candidates=[0])
 
 
-def test_pick_cpu_threads_for_training():
-    cpu = torch.device("cpu")
-    assert pick_cpu_threads("3", cpu)[0] == 3
-    assert pick_cpu_threads("auto", cpu, world_size=2)[0] == max(1, (os.cpu_count() or 1) // 2)
-    assert pick_cpu_threads("auto", cpu)[0] in (1, 2)
-    assert pick_cpu_threads("auto", torch.device("cuda"))[0] is None  # left alone off the CPU
+def test_choose_threads_from_the_flag():
+    assert choose_threads("3")[0] == 3
+    assert choose_threads("auto", "cpu", TRAIN_PROBE, world_size=2)[0] == max(1, (os.cpu_count() or 1) // 2)
+    assert choose_threads("auto", "cpu", TRAIN_PROBE, rounds=2, reps=1)[0] in (1, 2)
+    assert choose_threads("auto", "cuda")[0] is None  # left alone off the CPU
     for bad in ("0", "-1", "two", ""):
         with pytest.raises(ValueError, match="--threads"):
-            pick_cpu_threads(bad, cpu)
+            choose_threads(bad)

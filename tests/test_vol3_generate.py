@@ -59,6 +59,7 @@ def run_cli(args: list[str]) -> int:
     (["--prompt", "x", "--top-p", "2"], "SamplingParams.top_p"),
     (["--prompt", "a", "--prompt", "b", "--stream"], "exactly one --prompt"),
     (["--prompt", "x", "--max-tokens", "many"], "invalid int value"),
+    (["--prompt", "x", "--threads", "0"], "--threads must be"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpt, capsys, args, message):
     assert run_cli(["--ckpt", str(ckpt), "--threads", "1", *args]) == 2

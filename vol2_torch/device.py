@@ -8,7 +8,6 @@ bf16). So `--dtype auto` measures both on the machine at hand and keeps the fast
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -69,27 +68,3 @@ def pick_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     label = "bf16" if chosen is torch.bfloat16 else "fp32"
     return chosen, f"dtype {label} (auto: measured matmul {f32 / 1e9:.0f} GFLOP/s fp32, {b16 / 1e9:.0f} bf16)"
 
-
-def pick_cpu_threads(spec: str, device: torch.device, world_size: int = 1) -> tuple[int | None, str]:
-    """torch intra-op threads for training on `device`, from `--threads auto|N`, and a line saying why.
-
-    On CUDA the CPU thread count hardly matters and is left alone (None). On CPU, N is used as given;
-    `auto` gives each DDP rank an equal share of the cores, and a single process the count that runs a
-    training-sized matmul fastest right now (`shared.threads.pick_threads`), because a second OpenMP
-    thread on a busy 2-core machine made training steps 10-30x slower here.
-    Raises ValueError for a spec that is neither 'auto' nor a positive integer.
-    """
-    from shared.threads import TRAIN_PROBE, describe, pick_threads
-
-    if spec != "auto" and not (spec.isdigit() and int(spec) >= 1):
-        raise ValueError(f"--threads must be 'auto' or a positive integer, got {spec!r}")
-    if device.type != "cpu":
-        return None, f"threads: left at torch's {torch.get_num_threads()} (device {device.type})"
-    if spec != "auto":
-        return int(spec), f"threads: {spec} (asked for)"
-    cores = os.cpu_count() or 1
-    if world_size > 1:
-        n = max(1, cores // world_size)
-        return n, f"threads: {n} per rank (auto: {cores} cores / {world_size} ranks)"
-    n, times = pick_threads(TRAIN_PROBE, rounds=5, reps=3)
-    return n, describe(n, times)

@@ -42,8 +42,9 @@ from shared.cli import ArgumentParser, fail
 from shared.config import PRESETS, ModelConfig, get_preset
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
+from shared.threads import TRAIN_PROBE, choose_threads
 from shared.tokenizer import Tokenizer
-from vol2_torch.device import matmul_flops, pick_cpu_threads, pick_device, pick_dtype
+from vol2_torch.device import matmul_flops, pick_device, pick_dtype
 from vol2_torch.model import Transformer
 from vol2_torch.sample import generate
 
@@ -282,7 +283,8 @@ def train(args) -> dict:
         config, recipe = resumed.config, resumed.train_state["recipe"]
         if args.max_minutes is not None:
             recipe["max_minutes"] = args.max_minutes
-    threads, threads_note = pick_cpu_threads(args.threads, device, world)
+    # a second OpenMP thread on a busy 2-core machine made training steps 10-30x slower here
+    threads, threads_note = choose_threads(args.threads, device.type, TRAIN_PROBE, world, rounds=5, reps=3)
     if threads is not None:
         torch.set_num_threads(threads)
     dtype, dtype_note = pick_dtype(args.dtype, device)

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from shared.cli import ArgumentParser, fail
 from shared.config import get_preset
-from shared.threads import describe as describe_threads
-from shared.threads import pick_threads
+from shared.threads import choose_threads
 from vol2_torch.device import pick_device
 from vol2_torch.model import Transformer
 from vol3_inference.engine import Engine, ModelWeights, generate_naive, tune_allocator
@@ -584,17 +583,15 @@ def main(argv: list[str] | None = None) -> int:
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     if not args.sections or set(args.sections) - {"decode", "int8", "serving"}:
         return fail(f"--sections takes decode, int8 and/or serving, got {args.sections!r}")
-    if args.threads != "auto" and (not args.threads.isdigit() or int(args.threads) < 1):
-        return fail(f"--threads must be a positive integer or 'auto', got {args.threads!r}")
     try:
         args.device = str(pick_device(args.device))
+        threads, threads_note = choose_threads(args.threads, args.device)
     except ValueError as e:
         return fail(str(e))
-    if args.threads == "auto" and args.device == "cpu":
-        args.threads, thread_times = pick_threads()
-        say(describe_threads(args.threads, thread_times))
-    args.threads = torch.get_num_threads() if args.threads == "auto" else int(args.threads)
-    torch.set_num_threads(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        say(threads_note)
+    args.threads = torch.get_num_threads()
     malloc_tuned = args.device == "cpu" and not args.no_tune_malloc and tune_allocator()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

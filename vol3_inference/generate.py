@@ -16,7 +16,7 @@ import time
 import torch
 
 from shared.cli import ArgumentParser, fail
-from shared.threads import pick_threads
+from shared.threads import choose_threads
 from vol2_torch.device import pick_device
 from vol3_inference.engine import tune_allocator
 from vol3_inference.load import QUANT_MODES
@@ -44,8 +44,8 @@ def build_parser() -> ArgumentParser:
                    help="int8 weights: every linear ('int8') or all but the LM head ('int8-body')")
     p.add_argument("--int8-route", choices=sorted(INT8_ROUTES), default=INT8_ROUTE,
                    help="how int8 matmuls run (see python -m vol3_inference.quant)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads on CPU (default: time 1 vs 2 on a matmul and keep the faster)")
+    p.add_argument("--threads", default="auto",
+                   help="torch intra-op threads on CPU, or 'auto': time 1 vs 2 on a matmul and keep the faster")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the engine runs: auto = cuda when torch sees one, else cpu")
     return p
@@ -55,14 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stream and len(args.prompt) > 1:
         return fail("--stream takes exactly one --prompt")
-    if args.threads < 0:
-        return fail(f"--threads must be >= 0, got {args.threads}")
     try:
         device = pick_device(args.device)
+        threads, _ = choose_threads(args.threads, device.type, rounds=3)
     except ValueError as e:
         return fail(str(e))
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or pick_threads(rounds=3)[0])
+    if threads is not None:
+        torch.set_num_threads(threads)
         tune_allocator()
     try:
         params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
