@@ -34,19 +34,14 @@ from shared.config import get_preset
 from vol2_torch.model import Transformer
 from vol3_inference import ops
 from vol3_inference.engine import Chunk, Engine, LayerWeights, ModelWeights
+from vol3_inference.quant import time_interleaved
 
 DEFAULT_CKPT = "runs/vol2-cpu/ckpt"
 
 
 def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
-    """Time each fn once per round, round-robin; median milliseconds."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    """Median milliseconds per call of each fn, timed round-robin (`quant.time_interleaved`)."""
+    return {k: 1e3 * sec for k, sec in time_interleaved(fns, rounds, reps=1).items()}
 
 
 def decode_step_ms(engines: dict[str, Engine], steps: int, max_len: int) -> dict[str, float]:
