@@ -421,42 +421,36 @@ def train(args) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
-            # Auto mode: fix the step count from the measured time per step (minus the first,
-            # warm-up step), leaving room for the evaluations still to come.
+            # Auto mode: fix the step count from the measured time per step (the median of the first
+            # CALIBRATION_STEPS, minus the warm-up step), leaving room for the evaluations still to
+            # come; then once more at step `recalibrate_at`, from the mean wall time of the steps since
+            # (evaluations excluded). The median runs a few % fast (it skips the slow outliers and the
+            # logging between steps): two clean 10-minute runs fixed on it alone stopped ~100 steps
+            # short of their cosine schedule.
+            per_step = None
             if max_steps is None:
                 timing.append(dt)
                 if step == CALIBRATION_STEPS:
-                    per_step = float(np.median(timing[1:]))
-                    left = 0.97 * budget - (time.perf_counter() - t0) - args.evals * eval_seconds
-                    max_steps = max(recipe["warmup_steps"] + 1, step + int(left / per_step))
-                    if ddp:
-                        holder = [max_steps]
-                        dist.broadcast_object_list(holder, src=0)
-                        max_steps = holder[0]
-                    eval_every = max(1, max_steps // max(1, args.evals))
-                    say(f"\n{per_step:.2f} s/step measured: training for {max_steps} steps "
-                        f"(~{recipe['max_minutes']:g} min)")
-                    if bar is not None:
-                        bar.total = max_steps
-                    recalibrate_at = min(RECALIBRATION_STEPS, max_steps // 4)
-                    t_calibrated, eval_spent = time.perf_counter(), 0.0
-            elif recalibrate_at is not None and step == recalibrate_at and recalibrate_at > CALIBRATION_STEPS:
-                # The median of the first steps runs a few % fast (it skips the slow outliers, and the
-                # logging between steps): both clean 10-minute runs stopped ~100 steps short of their
-                # cosine schedule. The mean wall time of the steps since, evaluations excluded, is what
-                # the rest of the run will cost, so the step count is fixed again from it, once.
-                recalibrate_at = None
+                    per_step, evals_left, floor = float(np.median(timing[1:])), args.evals, recipe["warmup_steps"] + 1
+            elif step == recalibrate_at:
                 per_step = (time.perf_counter() - t_calibrated - eval_spent) / (step - CALIBRATION_STEPS)
-                evals_left = max(0, args.evals - step // eval_every)
+                evals_left, floor = max(0, args.evals - step // eval_every), step + 1
+            if per_step is not None:
                 left = 0.97 * budget - (time.perf_counter() - t0) - evals_left * eval_seconds
-                new_max = max(step + 1, step + int(left / per_step))
+                holder = [max(floor, step + int(left / per_step))]
                 if ddp:
-                    holder = [new_max]
                     dist.broadcast_object_list(holder, src=0)
-                    new_max = holder[0]
-                say(f"\n{per_step:.3f} s/step over steps {CALIBRATION_STEPS + 1}-{step}: training for "
-                    f"{new_max} steps instead of {max_steps}")
-                max_steps = new_max
+                if max_steps is None:
+                    say(f"\n{per_step:.2f} s/step measured: training for {holder[0]} steps "
+                        f"(~{recipe['max_minutes']:g} min)")
+                    recalibrate_at = min(RECALIBRATION_STEPS, holder[0] // 4)
+                    recalibrate_at = recalibrate_at if recalibrate_at > CALIBRATION_STEPS else None
+                    t_calibrated, eval_spent = time.perf_counter(), 0.0
+                else:
+                    say(f"\n{per_step:.3f} s/step over steps {CALIBRATION_STEPS + 1}-{step}: training for "
+                        f"{holder[0]} steps instead of {max_steps}")
+                    recalibrate_at = None
+                max_steps = holder[0]
                 eval_every = max(1, max_steps // max(1, args.evals))
                 if bar is not None:
                     bar.total = max_steps
