@@ -31,18 +31,14 @@ KV_TIED = [(4, True), (4, False), (2, True), (2, False), (1, True), (1, False)] 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def quiet_single_thread():
-    """One intra-op thread (tiny models; a busy 2-core machine makes OpenMP waits dominate) and no
-    transformers progress bars or info logs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def quiet_transformers():
+    """No transformers progress bars or info logs (the one-thread setting is conftest's)."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     yield
     transformers.logging.set_verbosity(verbosity)
     transformers.logging.enable_progress_bar()
-    torch.set_num_threads(n)
 
 
 def make_model(config: ModelConfig, seed: int = 0) -> Transformer:
