@@ -280,11 +280,11 @@ class Engine:
                                torch.tensor([ch.start_pos + 1 for ch in chunks[r0:r1]], dtype=torch.long, device=dev)))
         prefills, row = [], n_dec  # (first row, T, start_pos, block table)
         for ch in chunks[n_dec:]:
-            prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq).to(dev)))
+            prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq)))
             row += len(ch.tokens)
 
-        last = (torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long,
-                             device=dev) - 1)  # each chunk's last row (uploaded before the GPU is busy)
+        last = None if all_logits else (  # each chunk's last row, uploaded before the layers keep a GPU busy
+            torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long, device=dev) - 1)
         x = self._embed(tok)  # (N, D)
         for li, L in enumerate(self.weights.layers):
             kc, vc = self.cache.k[li], self.cache.v[li]  # (NB, bs, Hkv, hd)

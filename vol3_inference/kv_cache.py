@@ -149,10 +149,11 @@ class PagedKVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     def block_table(self, seq: Hashable, width: int | None = None) -> torch.Tensor:
-        """seq's block table as int64 (width,), padded with block 0 (never read past the length)."""
+        """seq's block table as int64 (width,) on the cache's device, padded with block 0 (never read
+        past the length)."""
         table = self.manager.tables.get(seq, [])
         width = len(table) if width is None else width
-        return torch.tensor(table + [0] * (width - len(table)), dtype=torch.long)
+        return torch.tensor(table + [0] * (width - len(table)), dtype=torch.long, device=self.k.device)
 
     def length(self, seq: Hashable) -> int:
         return self.manager.lengths.get(seq, 0)
