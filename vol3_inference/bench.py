@@ -402,7 +402,7 @@ def print_serving(r: dict) -> None:
             " / ".join(f"{w:.1f}" for w in s["continuous"]["walls"])))
     say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
         f"tokens identical across the fp32 runs (sweep included): {s['outputs_identical']}; 'continuous int8' = "
-        f"int8 weights, route {s['continuous int8'].get('route', 'w8a8_dynamic')}")
+        f"int8 weights, route {s['continuous int8']['route']}")
     if s.get("sweep"):
         rows = sweep_rows(s)
         seq = s["sequential"]["tok_s"]
