@@ -95,12 +95,14 @@ def test_bench_workload_and_serving_harness(tmp_path):
     work = [(p, min(n, 20)) for p, n in work]
     serving = bench.bench_serving(weights, work, max_batch=4, sweep=(2, 4), rounds=2)
     assert serving["outputs_identical"]
-    for k in ("static", "continuous"):  # two alternating runs each, the kept one the faster
+    for k in bench.BATCHED:  # two alternating runs each, the kept one the faster
         assert len(serving[k]["walls"]) == 2 and serving[k]["wall_s"] == min(serving[k]["walls"])
-    for k in ("sequential", "static", "continuous"):
+    for k in ("sequential", *bench.BATCHED):
         assert serving[k]["output_tokens"] == sum(n for _, n in work)
+    # both static kinds run each batch until its longest request ends; padding computes more rows
+    assert serving["static padded"]["steps"] == serving["static"]["steps"] >= serving["continuous"]["steps"]
     assert [p["slots"] for p in serving["sweep"]] == [2]  # the headline slot count is not rerun
-    for k in ("static", "continuous"):
+    for k in bench.BATCHED:
         assert serving["sweep"][0][k]["output_tokens"] == sum(n for _, n in work)
     assert sorted(bench.sweep_rows(serving)) == [2, 4]
     bench.print_serving({"serving": serving, "config": weights.config.to_dict()})

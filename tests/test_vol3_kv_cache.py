@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from shared.config import ModelConfig, get_preset
 from vol3_inference.kv_cache import BlockManager, OutOfBlocks, PagedKVCache, kv_bytes_per_token
 
-# An operation: ("append", seq, n) | ("release", seq) | ("preempt", seq) on a small manager.
+# An operation: ("append", seq, n) | ("truncate", seq, n) | ("release", seq) | ("preempt", seq)
+# on a small manager.
 ops = st.lists(st.one_of(
-    st.tuples(st.just("append"), st.integers(0, 5), st.integers(0, 9)),
+    st.tuples(st.sampled_from(["append", "truncate"]), st.integers(0, 5), st.integers(0, 9)),
     st.tuples(st.sampled_from(["release", "preempt"]), st.integers(0, 5)),
 ), max_size=60)
 
@@ -22,6 +23,7 @@ ops = st.lists(st.one_of(
 def test_block_manager_invariants(n_blocks, block_size, ops):
     mgr = BlockManager(n_blocks, block_size)
     owner: dict[int, int] = {}  # slot -> seq, a model of who owns which token slots
+    slots_of: dict[int, list[int]] = {}  # seq -> its slots, in token order
     lengths: dict[int, int] = {}
     for op in ops:
         if op[0] == "append":
@@ -33,17 +35,33 @@ def test_block_manager_invariants(n_blocks, block_size, ops):
                 for s in slots:
                     assert s not in owner, "a slot was handed out twice"
                     owner[s] = seq
+                slots_of.setdefault(seq, []).extend(slots)
                 lengths[seq] = lengths.get(seq, 0) + n
             else:
                 with pytest.raises(OutOfBlocks):
                     mgr.append(seq, n)
                 after = (list(mgr.free), {k: list(v) for k, v in mgr.tables.items()}, dict(mgr.lengths))
                 assert after == before, "a failed append changed the state"
+        elif op[0] == "truncate":  # forget the last n tokens: their slots are no longer owned
+            _, seq, n = op
+            if n > lengths.get(seq, 0):
+                with pytest.raises(ValueError):
+                    mgr.truncate(seq, n)
+            else:
+                n_free = len(mgr.free)
+                freed = mgr.truncate(seq, n)
+                assert len(mgr.free) == n_free + freed
+                if n:
+                    for s in slots_of[seq][-n:]:
+                        del owner[s]
+                    del slots_of[seq][-n:]
+                    lengths[seq] -= n
         else:  # finish and preemption both hand every block back
             _, seq = op
             n_table = len(mgr.tables.get(seq, []))
             assert mgr.release(seq) == n_table
             owner = {s: q for s, q in owner.items() if q != seq}
+            slots_of.pop(seq, None)
             lengths.pop(seq, None)
         mgr.check()
         assert {k: v for k, v in mgr.lengths.items()} == lengths

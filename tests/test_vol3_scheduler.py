@@ -20,7 +20,7 @@ from shared.tokenizer import Tokenizer
 from vol2_torch.model import Transformer
 from vol3_inference.engine import Engine, ModelWeights
 from vol3_inference.sampling import SamplingParams
-from vol3_inference.scheduler import LLM, RequestError, Scheduler
+from vol3_inference.scheduler import LLM, POLICIES, RequestError, Scheduler
 
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64,
                      multiple_of=16)
@@ -49,10 +49,12 @@ def params_for(kind: int, max_tokens: int, seed: int) -> SamplingParams:
                           max_tokens=max_tokens)
 
 
-def run_schedule(arrivals, *, n_blocks, block_size, max_batch, max_step_tokens, policy="continuous"):
+def run_schedule(arrivals, *, n_blocks, block_size, max_batch, max_step_tokens, policy="continuous",
+                 trace=False):
     """Feed requests (arrival step, prompt, params) to a scheduler step by step; return outputs by id."""
     engine = Engine(weights(), n_blocks, block_size)
-    sched = Scheduler(engine, max_batch=max_batch, max_step_tokens=max_step_tokens, policy=policy)
+    sched = Scheduler(engine, max_batch=max_batch, max_step_tokens=max_step_tokens, policy=policy,
+                      trace=trace)
     pending = sorted(enumerate(arrivals), key=lambda x: x[1][0])
     done, step = {}, 0
     while pending or sched.has_unfinished():
@@ -78,8 +80,9 @@ request = st.tuples(st.integers(0, 12), st.integers(1, MAX_PROMPT), st.integers(
 @settings(max_examples=60, deadline=None)
 @given(reqs=st.lists(request, min_size=1, max_size=6), block_size=st.sampled_from([2, 3, 4]),
        extra_blocks=st.integers(0, 12), max_batch=st.integers(1, 4), budget=st.integers(1, 40),
-       data=st.data())
-def test_continuous_batch_equals_solo(reqs, block_size, extra_blocks, max_batch, budget, data):
+       policy=st.sampled_from(POLICIES), data=st.data())
+def test_continuous_batch_equals_solo(reqs, block_size, extra_blocks, max_batch, budget, policy, data):
+    # (Named for the continuous policy; the static ones run the same machinery and must agree too.)
     # The cache always fits one request of maximal length, so a request alone is never cut short.
     n_blocks = -(-(MAX_PROMPT + MAX_NEW + 1) // block_size) + extra_blocks
     arrivals = []
@@ -88,7 +91,7 @@ def test_continuous_batch_equals_solo(reqs, block_size, extra_blocks, max_batch,
                                     max_size=n_prompt), label="prompt")
         arrivals.append((arrival, prompt, params_for(kind, n_new, seed)))
     done, _ = run_schedule(arrivals, n_blocks=n_blocks, block_size=block_size, max_batch=max_batch,
-                           max_step_tokens=budget)
+                           max_step_tokens=budget, policy=policy)
     assert sorted(done) == list(range(len(arrivals)))
     for i, (_, prompt, params) in enumerate(arrivals):
         assert done[i].token_ids == solo(tuple(prompt), params), f"request {i}"
@@ -111,12 +114,19 @@ def test_static_and_sequential_policies_give_the_same_tokens():
                 for n, m in [(5, 20), (9, 3), (2, 11), (14, 7), (7, 16)]]
     kw = dict(n_blocks=64, block_size=4, max_step_tokens=64)
     cont, _ = run_schedule(arrivals, max_batch=4, **kw)
-    static, s_static = run_schedule(arrivals, max_batch=4, policy="static", **kw)
+    static, s_static = run_schedule(arrivals, max_batch=4, policy="static", trace=True, **kw)
+    padded, s_padded = run_schedule(arrivals, max_batch=4, policy="static-padded", trace=True, **kw)
     seq, s_seq = run_schedule(arrivals, max_batch=1, **kw)
     for i in range(len(arrivals)):
-        assert cont[i].token_ids == static[i].token_ids == seq[i].token_ids
+        assert cont[i].token_ids == static[i].token_ids == padded[i].token_ids == seq[i].token_ids
     # static batching waits for its whole batch: 4 requests then 1, so it needs more steps
-    assert s_static.n_steps == 20 + 16 and s_seq.n_steps == sum(m for m in (20, 3, 11, 7, 16))
+    assert s_static.n_steps == s_padded.n_steps == 20 + 16
+    assert s_seq.n_steps == sum(m for m in (20, 3, 11, 7, 16))
+    # the first batch's rows: static drops a finished request's row, padded keeps all 4 for 20 steps
+    rows = [len(items) for _, items in s_static.trace[:20]]
+    assert rows == [4] * 3 + [3] * 4 + [2] * 4 + [1] * 9  # outputs 20, 3, 11, 7 tokens long
+    assert [len(items) for _, items in s_padded.trace[:20]] == [4] * 20
+    assert sum(kind == "pad" for _, items in s_padded.trace for _, _, kind in items) == 3 * 20 - (3 + 11 + 7)
 
 
 # --- the user-facing API ---------------------------------------------------------------------------

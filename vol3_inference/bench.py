@@ -9,13 +9,14 @@ Three tables, for the model trained by `make vol2-train` (trained on Shakespeare
 2. int8: linear-weight bytes, decode tok/s and validation bits per byte, int8 vs fp32, plus how many
    greedy tokens int8 keeps in common with fp32 on validation prompts.
 3. serving: 64 requests of mixed prompt (8-128) and output (16-256) lengths, all queued at t=0: one at
-   a time vs static batches vs continuous batching; throughput, time to first token (TTFT) and time
-   per output token (TPOT), p50/p95.
+   a time vs static batches (padded, as a batched `generate` runs them, and the best case where a
+   finished row leaves the batch) vs continuous batching; throughput, time to first token (TTFT) and
+   time per output token (TPOT), p50/p95.
 
 Timings interleave the compared variants round by round in one process and report medians, so
 load from other processes hits all of them alike; ratios are the figures to read. Writes
 `runs/bench/vol3.json`, `runs/bench/vol3.png` (the tables as bars) and `runs/bench/vol3_timeline.png`
-(static vs continuous batching, drawn from real scheduler traces).
+(padded static, static and continuous batching, drawn from real scheduler traces).
 """
 
 from __future__ import annotations
@@ -285,26 +286,30 @@ def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: 
     return res
 
 
+# The batched policies, by their key in the results: scheduler policy, and the step token budget (a
+# static batch prefills all its prompts in one step; continuous batching mixes prefill into decode).
+BATCHED = {"static padded": ("static-padded", 128), "static": ("static", 128), "continuous": ("continuous", None)}
+
+
 def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: Sequence[int] = (),
                   rounds: int = 2) -> dict:
-    """Sequential vs static vs continuous batching at `max_batch` slots (plus int8), then static vs
-    continuous again at every other slot count in `sweep` (fp32 only, no traces).
+    """Sequential vs padded static vs static vs continuous batching at `max_batch` slots (plus int8),
+    then the three batched policies again at every other slot count in `sweep` (fp32 only, no traces).
 
-    Static and continuous, the pair the headline ratio compares, run `rounds` times alternately and
-    each keeps its fastest run (load from other processes only ever slows a run down); every run's
-    wall time is kept under "walls". The sequential baseline and the sweep run once.
+    The batched policies, whose ratios are the headline, run `rounds` times alternately and each
+    keeps its fastest run (load from other processes only ever slows a run down); every run's wall
+    time is kept under "walls". The sequential baseline and the sweep run once.
     """
-    def static_and_continuous(slots: int, trace: bool = False) -> dict[str, dict]:
-        return {"static": run_serving(weights, work, max_batch=slots, policy="static",
-                                      max_step_tokens=slots * 128, trace=trace),
-                "continuous": run_serving(weights, work, max_batch=slots, policy="continuous",
-                                          max_step_tokens=512, trace=trace)}
+    def batched_runs(slots: int, trace: bool = False) -> dict[str, dict]:
+        return {key: run_serving(weights, work, max_batch=slots, policy=policy,
+                                 max_step_tokens=slots * per_slot if per_slot else 512, trace=trace)
+                for key, (policy, per_slot) in BATCHED.items()}
 
     runs: dict = {"sequential": run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256)}
-    tries = [static_and_continuous(max_batch, trace=True) for _ in range(rounds)]
-    for policy in ("static", "continuous"):
-        runs[policy] = {**min((t[policy] for t in tries), key=lambda r: r["wall_s"]),
-                        "walls": [t[policy]["wall_s"] for t in tries]}
+    tries = [batched_runs(max_batch, trace=True) for _ in range(rounds)]
+    for key in BATCHED:
+        runs[key] = {**min((t[key] for t in tries), key=lambda r: r["wall_s"]),
+                     "walls": [t[key]["wall_s"] for t in tries]}
     # The same scheduler on int8 weights with the int8 x int8 route, the fastest at batch > 1 on this
     # CPU (python -m vol3_inference.quant); its tokens may differ from fp32's, so it is not in `same`.
     route = serving_int8_route(weights.device)
@@ -312,11 +317,11 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
         runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
                                               policy="continuous", max_step_tokens=512)
     runs["continuous int8"]["route"] = route
-    swept = []  # [{"slots": n, "static": run, "continuous": run}], a list so the JSON keeps ints
+    swept = []  # [{"slots": n, policy key: run, ...}], a list so the JSON keeps ints
     for slots in sorted(set(sweep) - {max_batch}):
-        say(f"  ... static and continuous with {slots} batch slots")
-        swept.append({"slots": slots, **static_and_continuous(slots)})
-    fp32_runs = [runs["sequential"], *(p[k] for p in [*tries, *swept] for k in ("static", "continuous"))]
+        say(f"  ... the batched policies with {slots} batch slots")
+        swept.append({"slots": slots, **batched_runs(slots)})
+    fp32_runs = [runs["sequential"], *(p[k] for p in [*tries, *swept] for k in BATCHED)]
     same = all(r["outputs"] == runs["sequential"]["outputs"] for r in fp32_runs)
     for r in [*runs.values(), *fp32_runs]:
         r.pop("outputs", None)
@@ -325,9 +330,9 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
 
 
 def sweep_rows(serving: dict) -> dict[int, dict]:
-    """{batch slots: {"static": run, "continuous": run}} over the sweep and the headline run."""
+    """{batch slots: {policy key: run}} over the sweep and the headline run."""
     rows = {p["slots"]: p for p in serving.get("sweep", [])}
-    rows[serving["max_batch"]] = {"static": serving["static"], "continuous": serving["continuous"]}
+    rows[serving["max_batch"]] = {k: serving[k] for k in BATCHED}
     return rows
 
 
@@ -391,26 +396,30 @@ def print_serving(r: dict) -> None:
         f"all queued at t=0, up to {s['max_batch']} running:")
     say(f"  {'':15s} {'tok/s':>8s} {'vs seq':>7s} {'wall s':>7s} {'steps':>6s} {'TTFT p50/p95 s':>15s} "
         f"{'TPOT p50/p95 ms':>16s} {'preempt':>7s}")
-    for k in ("sequential", "static", "continuous", "continuous int8"):
+    for k in ("sequential", *BATCHED, "continuous int8"):
         x = s[k]
         say(f"  {k:15s} {x['tok_s']:8.1f} {x['tok_s'] / s['sequential']['tok_s']:6.2f}x {x['wall_s']:7.1f} "
             f"{x['steps']:6d} {x['ttft_s']['p50']:7.2f}/{x['ttft_s']['p95']:<7.2f} "
             f"{x['tpot_ms']['p50']:7.1f}/{x['tpot_ms']['p95']:<8.1f} {x['preemptions']:7d}")
-    if len(s["static"].get("walls", [])) > 1:
-        say("  static and continuous: the fastest of {} alternating runs (wall s: static {}, continuous {})".format(
-            len(s["static"]["walls"]), " / ".join(f"{w:.1f}" for w in s["static"]["walls"]),
-            " / ".join(f"{w:.1f}" for w in s["continuous"]["walls"])))
-    say(f"  continuous / static = {s['continuous']['tok_s'] / s['static']['tok_s']:.2f}x; every request's "
-        f"tokens identical across the fp32 runs (sweep included): {s['outputs_identical']}; 'continuous int8' = "
-        f"int8 weights, route {s['continuous int8']['route']}")
+    n_walls = len(s["static"].get("walls", []))
+    if n_walls > 1:
+        say(f"  batched policies: the fastest of {n_walls} alternating runs (wall s: " + "; ".join(
+            f"{k} " + " / ".join(f"{w:.1f}" for w in s[k]["walls"]) for k in BATCHED) + ")")
+    co = s["continuous"]["tok_s"]
+    say(f"  continuous / static padded = {co / s['static padded']['tok_s']:.2f}x, continuous / static = "
+        f"{co / s['static']['tok_s']:.2f}x; every request's tokens identical across the fp32 runs (sweep "
+        f"included): {s['outputs_identical']}; 'continuous int8' = int8 weights, route {s['continuous int8']['route']}")
+    say("  (static padded: a finished request's row is computed until its batch ends, as in a batched "
+        "generate; static: it leaves the batch at once)")
     if s.get("sweep"):
         rows = sweep_rows(s)
         seq = s["sequential"]["tok_s"]
-        say(f"  batch slots: {'slots':>5s} {'static tok/s':>12s} {'continuous':>11s} {'cont/static':>11s} "
-            f"{'cont/seq':>8s} {'static steps':>12s} {'cont steps':>10s}")
+        say(f"  batch slots: {'slots':>5s} {'padded tok/s':>12s} {'static':>8s} {'continuous':>10s} "
+            f"{'cont/padded':>11s} {'cont/static':>11s} {'cont/seq':>8s} {'static steps':>12s} {'cont steps':>10s}")
         for slots in sorted(rows):
-            st, co = rows[slots]["static"], rows[slots]["continuous"]
-            say(f"  {'':12s} {slots:5d} {st['tok_s']:12.1f} {co['tok_s']:11.1f} {co['tok_s'] / st['tok_s']:10.2f}x "
+            pa, st, co = (rows[slots][k] for k in BATCHED)
+            say(f"  {'':12s} {slots:5d} {pa['tok_s']:12.1f} {st['tok_s']:8.1f} {co['tok_s']:10.1f} "
+                f"{co['tok_s'] / pa['tok_s']:10.2f}x {co['tok_s'] / st['tok_s']:10.2f}x "
                 f"{co['tok_s'] / seq:7.2f}x {st['steps']:12d} {co['steps']:10d}")
     x = s["continuous"]
     say(f"  paged KV cache, continuous: peak {x['peak_kv_blocks']} of {x['kv_blocks']} blocks of 16 tokens "
@@ -440,10 +449,11 @@ def draw_chart(results: dict, path: Path) -> None:
             panels.append(("int8 routes vs fp32, decode tok/s", r["int8"]["tok_s"]))
         if "serving" in r:
             panels.append((f"serving tok/s ({r['serving']['requests']} requests)",
-                           {k: r["serving"][k]["tok_s"]
-                            for k in ("sequential", "static", "continuous", "continuous int8")}))
+                           {k.replace(" ", "\n"): r["serving"][k]["tok_s"]
+                            for k in ("sequential", *BATCHED, "continuous int8")}))
         for ax, (title, vals) in zip(axes[row], panels, strict=False):
-            bars = ax.bar(list(vals), list(vals.values()), color=["#999", "#2a7", "#47c", "#c64"][:len(vals)])
+            bars = ax.bar(list(vals), list(vals.values()),
+                          color=["#999", "#8c8", "#2a7", "#47c", "#c64"][:len(vals)])
             ax.bar_label(bars, fmt="%.0f")
             ax.tick_params(axis="x", labelsize=8)
             ax.set_title(f"{name}: {title}", fontsize=9)
@@ -452,7 +462,7 @@ def draw_chart(results: dict, path: Path) -> None:
             ax = axes[row][len(panels)]
             rows = sweep_rows(s)
             slots = sorted(rows)
-            for policy, color in (("static", "#2a7"), ("continuous", "#47c")):
+            for policy, color in (("static padded", "#8c8"), ("static", "#2a7"), ("continuous", "#47c")):
                 ax.plot(slots, [rows[n][policy]["tok_s"] for n in slots], "o-", color=color, label=policy)
             ax.axhline(s["sequential"]["tok_s"], color="#999", ls="--", label="sequential")
             ax.set_xscale("log", base=2)
@@ -469,27 +479,28 @@ def draw_chart(results: dict, path: Path) -> None:
 
 
 def draw_timeline(serving: dict, path: Path, title: str) -> None:
-    """Rows = requests, x = time; orange = prefill work in a step, blue = decode, for both policies."""
+    """Rows = requests, x = time; orange = prefill work in a step, blue = decode, grey = a padding
+    row (computed, thrown away), for the three batched policies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
-    for ax, policy in zip(axes, ("static", "continuous"), strict=True):
+    colors = {"prefill": "#e83", "decode": "#47c", "pad": "#bbb"}
+    fig, axes = plt.subplots(len(BATCHED), 1, figsize=(12, 3.4 * len(BATCHED)), sharex=True)
+    for ax, policy in zip(axes, BATCHED, strict=True):
         trace = serving[policy]["trace"]
         prev = 0.0
         for t, items in trace:
             for rid, _n, kind in items:
-                ax.barh(rid, t - prev, left=prev, height=0.8, linewidth=0,
-                        color="#e83" if kind == "prefill" else "#47c")
+                ax.barh(rid, t - prev, left=prev, height=0.8, linewidth=0, color=colors[kind])
             prev = t
         x = serving[policy]
         ax.set_title(f"{policy} batching: {x['tok_s']:.0f} tok/s, {x['steps']} steps, "
                      f"TTFT p50 {x['ttft_s']['p50']:.2f} s", fontsize=10)
         ax.set_ylabel("request")
         ax.invert_yaxis()
-    axes[1].set_xlabel("seconds since all requests arrived (orange: prefill, blue: decode)")
+    axes[-1].set_xlabel("seconds since all requests arrived (orange: prefill, blue: decode, grey: padding)")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -548,9 +559,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch slots (= KV memory) for static and continuous batching (trained)")
     p.add_argument("--seed512-max-batch", type=int, default=16, help="--max-batch for seed512")
     p.add_argument("--serving-rounds", type=int, default=2,
-                   help="alternating runs of static and continuous batching; each keeps its fastest")
+                   help="alternating runs of the batched policies; each keeps its fastest")
     p.add_argument("--sweep", default="8,32",
-                   help="more batch-slot counts at which static and continuous are rerun (trained); '' for none")
+                   help="more batch-slot counts at which the batched policies are rerun (trained); '' for none")
     p.add_argument("--seed512-sweep", default="",
                    help="--sweep for seed512 (none by default: each point costs ~45 s there)")
     p.add_argument("--seed512-max-output", type=int, default=128,
@@ -644,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results["models"]:
         return fail("no model was benchmarked (the trained checkpoint is missing and --models has only 'trained')")
     for r in results["models"].values():  # traces are for the picture, not the JSON
-        for k in ("static", "continuous"):
+        for k in BATCHED:
             r.get("serving", {}).get(k, {}).pop("trace", None)
     results["wall_s"] = time.perf_counter() - t_start
     (out_dir / "vol3.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -90,6 +90,24 @@ class BlockManager:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, start + new_tokens)]
 
+    def truncate(self, seq: Hashable, n_tokens: int) -> int:
+        """Forget the last `n_tokens` tokens of `seq` (their slots may be written again); blocks left
+        empty go back to the free list. Returns how many. (What speculative decoding's rollback does;
+        here, padded static batching rewrites a finished row's last position.)
+        Raises ValueError if n_tokens < 0 or more than `seq` holds."""
+        have = self.lengths.get(seq, 0)
+        if not 0 <= n_tokens <= have:
+            raise ValueError(f"cannot truncate {n_tokens} tokens from sequence {seq!r}, which holds {have}")
+        if n_tokens == 0:
+            return 0
+        self.lengths[seq] = have - n_tokens
+        table = self.tables[seq]
+        keep = -(-self.lengths[seq] // self.block_size)
+        freed = table[keep:]
+        del table[keep:]
+        self.free.extend(freed)
+        return len(freed)
+
     def release(self, seq: Hashable) -> int:
         """Return all of `seq`'s blocks to the free list (finish or preemption); returns how many."""
         table = self.tables.pop(seq, [])

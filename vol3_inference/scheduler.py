@@ -19,7 +19,11 @@ al. 2023, section 4.5) decides who runs at *every step*:
        the very next step.
 
 `policy="static"` runs the same machinery as static batching (admit only when the batch is empty),
-and `max_batch=1` as one request at a time, so the benchmark compares the three on one code path.
+and `max_batch=1` as one request at a time, so the benchmark compares them on one code path. Static
+batching comes in two kinds. `"static-padded"` is what a batched `model.generate` does (and the
+request-level scheduling Orca compares against, section 2.2): the batch is one tensor, so a request
+that has finished keeps its row, computed and thrown away, until the last one ends. `"static"` is
+its best case: a finished request's row leaves the batch at once (its slot still stays empty).
 
 `LLM` is the user-facing API in the spirit of vLLM's: `LLM.generate(prompts, params)` returns one
 `RequestOutput` per prompt, `LLM.stream(prompt, params)` yields text as it is produced. A bad request
@@ -39,6 +43,8 @@ import torch
 
 from vol3_inference.engine import Chunk, Engine, ModelWeights
 from vol3_inference.sampling import SamplingParams, find_stop, make_generator, sample_token
+
+POLICIES = ("continuous", "static", "static-padded")
 
 
 class RequestError(ValueError):
@@ -111,14 +117,15 @@ class Scheduler:
         max_batch: most requests running at once (batch slots).
         max_step_tokens: token budget per step: decode tokens count against it first (every running
             request always gets its decode token), prefill chunks get what is left.
-        policy: "continuous" or "static".
+        policy: "continuous", "static" (finished rows leave the batch) or "static-padded" (they stay,
+            computed as padding, until the whole batch has finished).
         trace: keep `self.trace`, a list of steps [(time, [(request id, n tokens, "prefill"|"decode")])].
     """
 
     def __init__(self, engine: Engine, tokenizer=None, eos_id: int | None = None, max_batch: int = 32,
                  max_step_tokens: int = 512, policy: str = "continuous", trace: bool = False):
-        if policy not in ("continuous", "static"):
-            raise ValueError(f"policy must be 'continuous' or 'static', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
         if max_batch < 1 or max_step_tokens < 1:
             raise ValueError(f"max_batch and max_step_tokens must be >= 1, got {max_batch}, {max_step_tokens}")
         self.engine, self.tokenizer = engine, tokenizer
@@ -174,13 +181,21 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _schedule(self) -> list[tuple[Request, int, str]]:
-        """Pick (request, tokens to compute, "prefill" | "decode") for this step, preempting if needed."""
+        """Pick (request, tokens to compute, "prefill" | "decode" | "pad") for this step, preempting
+        if needed."""
         mgr = self.engine.cache.manager
         while True:
-            # 1. one decode token for each request whose prompt (and output so far) is all cached
-            decoding = [r for r in self.running if r.n_cached == r.n_tokens - 1]
+            # 1. one decode token for each request whose prompt (and output so far) is all cached;
+            # under "static-padded", finished requests still in the batch are padding rows
+            padding = [r for r in self.running if r.finished]
+            decoding = [r for r in self.running if not r.finished and r.n_cached == r.n_tokens - 1]
             need = sum(mgr.blocks_needed(r.id, 1) for r in decoding)
             if need > len(mgr.free):
+                if padding:  # padding changes no output: drop it before preempting anyone
+                    for r in padding:
+                        self.engine.release(r.id)
+                        self.running.remove(r)
+                    continue
                 if len(self.running) == 1:  # alone and out of room: the cache is its context limit
                     r = self.running.pop()
                     self.engine.release(r.id)
@@ -189,12 +204,12 @@ class Scheduler:
                 else:
                     self._preempt(self.running[-1])
                 continue
-            plan = [(r, 1, "decode") for r in decoding]
+            plan = [(r, 1, "decode") for r in decoding] + [(r, 1, "pad") for r in padding]
             budget, free = self.max_step_tokens - len(plan), len(mgr.free) - need
             # 2. continue chunked prefills, then admit waiting requests in arrival order
             for r in self.running:
                 todo = r.n_tokens - r.n_cached
-                if todo > 1 and budget > 0:
+                if todo > 1 and budget > 0 and not r.finished:
                     n = min(todo, budget)
                     b = mgr.blocks_needed(r.id, n)
                     if b > free:
@@ -224,13 +239,21 @@ class Scheduler:
         plan = self._schedule()
         events: dict[Hashable, Request] = {r.id: r for r in self._done}
         if plan:
-            chunks = [Chunk(r.id, r.token_slice(r.n_cached, r.n_cached + n), r.n_cached) for r, n, _ in plan]
+            chunks = []
+            for r, n, kind in plan:
+                if kind == "pad":  # recompute the last cached position (same token, same K/V), discard it
+                    self.engine.cache.manager.truncate(r.id, 1)
+                    chunks.append(Chunk(r.id, r.token_slice(r.n_cached - 1, r.n_cached), r.n_cached - 1))
+                else:
+                    chunks.append(Chunk(r.id, r.token_slice(r.n_cached, r.n_cached + n), r.n_cached))
             logits = self.engine.forward(chunks)
             self.n_steps += 1
             now = time.perf_counter()
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
-            for (r, n, _), z in zip(plan, logits, strict=True):
+            for (r, n, kind), z in zip(plan, logits, strict=True):
+                if kind == "pad":
+                    continue
                 r.n_cached += n
                 if r.n_cached < r.n_tokens:
                     continue  # prefill not done yet
@@ -240,10 +263,11 @@ class Scheduler:
                 r.token_times.append(now)
                 self._check_stop(r, tok)
                 events[r.id] = r
-        for r in self.running:
-            if r.finished:
-                self.engine.release(r.id)  # finished requests free their blocks at once
-        self.running = [r for r in self.running if not r.finished]
+        if self.policy != "static-padded" or all(r.finished for r in self.running):
+            for r in self.running:
+                if r.finished:
+                    self.engine.release(r.id)  # finished requests free their blocks at once
+            self.running = [r for r in self.running if not r.finished]
         return [self._output(r) for r in events.values()]
 
     def _check_stop(self, r: Request, tok: int) -> None:
