@@ -24,6 +24,12 @@ measurement question on each CPU, answered in `INT8_ROUTES` and `python -m vol3_
                 (8 significant bits), an error comparable to the weights' own.
     "w8a8_dynamic"  not weight-only: fbgemm's int8 x int8 GEMM, activations quantized per tensor on
                 the fly. Fastest, especially at batch > 1, but the activation rounding is coarser.
+    "w8a16"     this project's AVX2 kernel (`kernels/w8a16_avx2.c`, built by `cpu_kernels.py`): each
+                activation row rounded to int16 with its own scale (1/65534 of its largest value,
+                where bf16 keeps 8 bits), int8 x int16 products summed exactly in int32. At batch 1 it
+                streams the int8 weights at memory speed. Where it cannot run (not an x86 CPU with
+                AVX2, no C compiler, K % 16 != 0, activations not float32 on the CPU), it takes the
+                "int8pack_bf16" route instead.
 
 `int8_linear` uses the module-level `INT8_ROUTE`, chosen by measurement (see the chapter).
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -40,6 +47,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from vol3_inference import cpu_kernels
 
 
 @dataclass
@@ -98,6 +107,22 @@ def _int8pack_bf16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     return _int8pack(x, w, torch.bfloat16)
 
 
+def _w8a16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or w.q.shape[1] % 16:
+        return _int8pack_bf16(x, w)
+    why = cpu_kernels.w8a16_unavailable()
+    if why is not None:
+        _warn_once(f"int8 route 'w8a16' unavailable ({why}); using 'int8pack_bf16'")
+        return _int8pack_bf16(x, w)
+    shape = x.shape
+    return cpu_kernels.w8a16_linear(x.reshape(-1, shape[-1]), w.q, w.scale).view(*shape[:-1], -1)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _w8a8_dynamic(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     # fbgemm's int8 x int8 GEMM: activations are quantized on the fly, per tensor, to 7 bits
     # ("reduce_range", which avoids int16 overflow in AVX2's vpmaddubsw), the int32 result rescaled.
@@ -116,8 +141,8 @@ def _w8a8_dynamic(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 
 
 INT8_ROUTES = {"dequant": _dequant, "int8pack": _int8pack, "int8pack_bf16": _int8pack_bf16,
-               "w8a8_dynamic": _w8a8_dynamic}
-INT8_ROUTE = "int8pack_bf16"  # chosen by measurement on this machine (see README, "int8 weights")
+               "w8a8_dynamic": _w8a8_dynamic, "w8a16": _w8a16}
+INT8_ROUTE = "w8a16"  # chosen by measurement on this machine (see README, "int8 weights")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,102 @@
+"""vol3_inference.cpu_kernels: the compiled w8a16 kernel against a float64 reference, at its error
+bound, across shapes, the int32 overflow guard, threads, and the build cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vol3_inference import cpu_kernels
+from vol3_inference.quant import int8_linear, quantize_int8
+
+WHY = cpu_kernels.w8a16_unavailable()
+needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"w8a16 kernel unavailable here: {WHY}")
+
+
+def reference_and_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
+    """y in float64 from the dequantized weights, and the largest error int16 activations may add:
+    each activation moves by at most sx/2, sx = max|x_m| / 32767, so y[m, n] by sx/2 sum_k |W'_nk|;
+    plus float32 rounding of the scales and the final sum (relative 1e-5 of sum_k |x_mk| |W'_nk|)."""
+    w = q.double() * scale.double()[:, None]  # (N, K)
+    y = x.double() @ w.T
+    sx = x.double().abs().amax(1, keepdim=True) / 32767  # (M, 1)
+    bound = sx / 2 * w.abs().sum(1) + 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30
+    return y, bound
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 70), k16=st.integers(1, 20), seed=st.integers(0, 2**16),
+       x_scale=st.floats(1e-4, 1e3))
+def test_w8a16_within_its_bound(m, n, k16, seed, x_scale):
+    g = torch.Generator().manual_seed(seed)
+    K = 16 * k16
+    qw, _ = quantize_int8(torch.randn(n, K, generator=g))
+    x = torch.randn(m, K, generator=g) * x_scale
+    x[0, : K // 2] = 0.0  # rows of very different ranges; row 0 may be all zero
+    y = cpu_kernels.w8a16_linear(x, qw.q, qw.scale)
+    ref, bound = reference_and_bound(x, qw.q, qw.scale)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert torch.all((y.double() - ref).abs() <= bound)
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [2048, 2064, 8192])
+def test_w8a16_int32_sums_do_not_overflow(K):
+    """All weights +-127 against all activations at +max: each int32 lane would pass 2^31 past
+    K = 4128 without the kernel's flush every 2048 columns."""
+    q = torch.full((3, K), 127, dtype=torch.int8)
+    q[1] = -127
+    q[2, ::2] = -127
+    scale = torch.tensor([0.5, 0.25, 1.0])
+    x = torch.full((2, K), 3.0)
+    y = cpu_kernels.w8a16_linear(x, q, scale)
+    ref, _ = reference_and_bound(x, q, scale)
+    assert torch.allclose(y.double(), ref, rtol=1e-6, atol=1e-3)
+
+
+@needs_kernel
+def test_w8a16_threads_split_columns_exactly():
+    g = torch.Generator().manual_seed(0)
+    N, K = 4099, 1024  # N * K >= PARALLEL_MIN_WEIGHTS, and N not divisible by the thread count
+    assert N * K >= cpu_kernels.PARALLEL_MIN_WEIGHTS
+    qw, _ = quantize_int8(torch.randn(N, K, generator=g))
+    x = torch.randn(3, K, generator=g)
+    one = cpu_kernels.w8a16_linear(x, qw.q, qw.scale)
+    torch.set_num_threads(2)  # conftest puts it back to one
+    assert torch.equal(cpu_kernels.w8a16_linear(x, qw.q, qw.scale), one)
+
+
+@needs_kernel
+def test_w8a16_rejects_what_it_cannot_take():
+    q, s = torch.zeros(4, 24, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match="K % 16"):
+        cpu_kernels.w8a16_linear(torch.zeros(1, 24), q, s)  # K = 24
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.w8a16_linear(torch.zeros(1, 32, dtype=torch.float64), torch.zeros(4, 32, dtype=torch.int8), s)
+
+
+def test_route_falls_back_where_the_kernel_cannot_run():
+    """K % 16 != 0 or float64 activations take the int8pack_bf16 route, whatever the machine."""
+    g = torch.Generator().manual_seed(1)
+    qw, _ = quantize_int8(torch.randn(20, 40, generator=g))
+    x = torch.randn(3, 40, generator=g)
+    assert torch.equal(int8_linear(x, qw, "w8a16"), int8_linear(x, qw, "int8pack_bf16"))
+    x64 = torch.randn(3, 48, generator=g, dtype=torch.float64)
+    qw48, _ = quantize_int8(torch.randn(20, 48, generator=g))
+    assert torch.equal(int8_linear(x64, qw48, "w8a16"), int8_linear(x64, qw48, "int8pack_bf16"))
+
+
+def test_build_is_cached_and_a_broken_source_says_why(tmp_path):
+    if cpu_kernels.shutil.which("cc") is None and cpu_kernels.shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    lib = cpu_kernels._build(cpu_kernels.SOURCE, tmp_path)
+    mtime = lib.stat().st_mtime_ns
+    assert cpu_kernels._build(cpu_kernels.SOURCE, tmp_path) == lib and lib.stat().st_mtime_ns == mtime
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="failed to compile broken.c"):
+        cpu_kernels._build(bad, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, "broken.c"])  # no temp file left
