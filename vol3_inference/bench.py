@@ -194,12 +194,13 @@ def validation_bpb(weights: ModelWeights, val: np.ndarray, tokenizer, n_tokens: 
     return nll / math.log(2) / n_bytes
 
 
-INT8_COMPARED = ("int8pack_bf16", "w8a8_dynamic")  # weight-only vs int8 x int8 (see quant.py)
+INT8_COMPARED = ("w8a16", "int8pack_bf16", "w8a8_dynamic")  # ours, ATen's weight-only, fbgemm's int8 x int8
 
 
 def int8_routes(device: torch.device) -> tuple[str, ...]:
-    """The int8 routes compared on `device`: on the CPU the weight-only kernel vs fbgemm's int8 x int8;
-    fbgemm runs on the CPU only, so elsewhere the weight-only kernel vs the dequantize reference."""
+    """The int8 routes compared on `device`: on the CPU our w8a16 kernel, ATen's weight-only kernel and
+    fbgemm's int8 x int8; those are CPU code (w8a16 would fall back), so elsewhere ATen's weight-only
+    kernel vs the dequantize reference."""
     return INT8_COMPARED if device.type == "cpu" else ("int8pack_bf16", "dequant")
 
 
@@ -238,7 +239,7 @@ def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: 
             with int8_route(r):
                 bpb[r] = validation_bpb(qweights, val, tokenizer, val_tokens, seq_len)
         out["val_bpb"] = {**bpb, "val_tokens": val_tokens}
-        say(f"  (validation bpb on {val_tokens:,} tokens, 3 variants, took {time.perf_counter() - t0:.0f} s)")
+        say(f"  (validation bpb on {val_tokens:,} tokens, {len(bpb)} variants, took {time.perf_counter() - t0:.0f} s)")
     return out
 
 

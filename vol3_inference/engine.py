@@ -290,10 +290,10 @@ class Engine:
             kc, vc = self.cache.k[li], self.cache.v[li]  # (NB, bs, Hkv, hd)
             h = ops.rmsnorm(x, L.attention_norm, c.norm_eps)
             qkv = ops.linear(h, L.wqkv)  # (N, (H + 2 Hkv) hd)
-            q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-            q = ops.rope(q.reshape(N, H, hd), freqs)  # (N, H, hd)
-            k = ops.rope(k.reshape(N, Hkv, hd), freqs)  # (N, Hkv, hd)
-            v = v.reshape(N, Hkv, hd)
+            # q and k side by side in each row get one RoPE call: (N, H + Hkv, hd), a strided view
+            qk = ops.rope(qkv[:, :(H + Hkv) * hd].view(N, H + Hkv, hd), freqs)
+            q, k = qk[:, :H], qk[:, H:]  # (N, H, hd), (N, Hkv, hd)
+            v = qkv[:, (H + Hkv) * hd:].view(N, Hkv, hd)
             ops.write_kv(kc, vc, slot, k, v)
             if not prefills and n_groups == 1:
                 attn = ops.decode_attention(q, kc, vc, dec_groups[0][2], dec_groups[0][3])  # (N, H, hd)

@@ -47,7 +47,7 @@ class TorchOps:
         freqs rotates it (Meta's formulation; one complex multiply instead of four real ones)."""
         N, nh, hd = x.shape
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        xc = torch.view_as_complex(xf.reshape(N, nh, hd // 2, 2))  # (N, nh, hd/2)
+        xc = torch.view_as_complex(xf.unflatten(-1, (hd // 2, 2)))  # (N, nh, hd/2); a view when it can be
         return torch.view_as_real(xc * freqs[:, None, :]).reshape(N, nh, hd).to(x.dtype)
 
     @staticmethod
