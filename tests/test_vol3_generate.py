@@ -114,7 +114,7 @@ def test_bench_workload_and_serving_harness(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--sweep", "8,x"], ["--sweep", "0"], ["--seed512-sweep", "²"],
                                   ["--models", "gpt"], ["--sections", "speed"], ["--rounds", "0"],
-                                  ["--serving-rounds", "0"]])
+                                  ["--serving-rounds", "0"], ["--seed512-serving-rounds", "0"]])
 def test_bench_rejects_bad_flags_in_one_line(argv, tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), "--threads", "1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -513,7 +513,7 @@ def draw_timeline(serving: dict, path: Path, title: str) -> None:
 
 def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, val, args, out_dir,
                 n_new: int, n_requests: int, max_batch: int, max_output: int, agree_prompts: int,
-                sweep: Sequence[int] = ()) -> dict:
+                sweep: Sequence[int] = (), serving_rounds: int = 2) -> dict:
     rng = np.random.default_rng(1)
     prompt = prompt_source(rng, 16)
     weights, model = weights.to(args.device), model.to(args.device)
@@ -537,7 +537,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
     if "serving" in args.sections:
         say(f"[{name}] serving {n_requests} requests ...")
         work = make_workload(n_requests, weights.config.max_seq_len, prompt_source, max_output=max_output)
-        res["serving"] = bench_serving(weights, work, max_batch, max_output, sweep, args.serving_rounds)
+        res["serving"] = bench_serving(weights, work, max_batch, max_output, sweep, serving_rounds)
     return res
 
 
@@ -560,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch slots (= KV memory) for static and continuous batching (trained)")
     p.add_argument("--seed512-max-batch", type=int, default=16, help="--max-batch for seed512")
     p.add_argument("--serving-rounds", type=int, default=2,
-                   help="alternating runs of the batched policies; each keeps its fastest")
+                   help="alternating runs of the batched policies; each keeps its fastest (trained)")
+    p.add_argument("--seed512-serving-rounds", type=int, default=1,
+                   help="--serving-rounds for seed512 (one by default: a round costs ~50 s there)")
     p.add_argument("--sweep", default="8,32",
                    help="more batch-slot counts at which the batched policies are rerun (trained); '' for none")
     p.add_argument("--seed512-sweep", default="",
@@ -576,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"trained", "seed512"}:
         return fail(f"--models takes trained and/or seed512, got {args.models!r}")
-    for flag in ("rounds", "serving_rounds", "new_tokens", "requests", "max_batch", "val_tokens", "agree_prompts",
+    for flag in ("rounds", "serving_rounds", "seed512_serving_rounds", "new_tokens", "requests", "max_batch", "val_tokens", "agree_prompts",
                  "seed512_new_tokens", "seed512_requests", "seed512_max_batch", "seed512_max_output"):
         if getattr(args, flag) < 1:
             return fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -630,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"trained ({Path(args.ckpt)})"
         res = bench_model(name, model, ModelWeights.from_model(model), tok_dict, tokenizer, val_prompt,
                           val, args, out_dir, args.new_tokens, args.requests, args.max_batch, 256,
-                          args.agree_prompts, args.sweep)
+                          args.agree_prompts, args.sweep, args.serving_rounds)
         results["models"][name] = res
         print_tables(name, res)
         if "serving" in res:
@@ -647,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "seed512 (random weights)"
         res = bench_model(name, model, ModelWeights.from_model(model), None, None, rand_prompt, None, args,
                           out_dir, args.seed512_new_tokens, args.seed512_requests, args.seed512_max_batch,
-                          args.seed512_max_output, 2, args.seed512_sweep)
+                          args.seed512_max_output, 2, args.seed512_sweep, args.seed512_serving_rounds)
         results["models"][name] = res
         print_tables(name, res)
         if len(results["models"]) == 1 and "serving" in res:  # the timeline shows the trained model if any
