@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vol3_inference import cpu_kernels
+from vol3_inference.ops import CpuOps, TorchOps
 from vol3_inference.quant import int8_linear, quantize_int8
 
 WHY = cpu_kernels.w8a16_unavailable()
@@ -100,3 +101,51 @@ def test_build_is_cached_and_a_broken_source_says_why(tmp_path):
     with pytest.raises(cpu_kernels.KernelUnavailable, match="failed to compile broken.c"):
         cpu_kernels._build(bad, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, "broken.c"])  # no temp file left
+
+
+# --- the "cpu" ops backend: each C op against the PyTorch reference -----------------------------------
+
+no_ops = pytest.mark.skipif(cpu_kernels.unavailable("ops_avx2") is not None,
+                            reason=f"C kernels unavailable here: {cpu_kernels.unavailable('ops_avx2')}")
+
+
+@no_ops
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 9), d8=st.integers(1, 40), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_rmsnorm_matches_the_reference(n, d8, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(n, 8 * d8, generator=g) * scale, torch.rand(8 * d8, generator=g) + 0.5
+    torch.testing.assert_close(CpuOps.rmsnorm(x, w, 1e-5), TorchOps.rmsnorm(x, w, 1e-5), atol=1e-6, rtol=1e-5)
+
+
+@no_ops
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2), (4, 1)])
+def test_rope_qkv_cache_matches_the_reference(H, Hkv):
+    g = torch.Generator().manual_seed(H + Hkv)
+    N, hd, NB, bs = 5, 8, 6, 3
+    qkv = torch.randn(N, (H + 2 * Hkv) * hd, generator=g)
+    angles = torch.rand(40, hd // 2, generator=g) * 6.3
+    table = torch.polar(torch.ones_like(angles), angles)  # (40, hd/2) complex64
+    pos, slots = torch.tensor([0, 3, 17, 39, 5]), torch.tensor([7, 0, 17, 4, 12])
+    caches = {ops: (torch.zeros(NB, bs, Hkv, hd), torch.zeros(NB, bs, Hkv, hd)) for ops in (TorchOps, CpuOps)}
+    outs = {ops: ops.rope_qkv_cache(qkv, table, pos, slots, *caches[ops], H, Hkv) for ops in caches}
+    for a, b in zip(outs[CpuOps], outs[TorchOps], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(caches[CpuOps], caches[TorchOps], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="slot is outside"):
+        CpuOps.rope_qkv_cache(qkv, table, pos, torch.tensor([0, 1, 2, 3, NB * bs]), *caches[CpuOps], H, Hkv)
+    with pytest.raises(ValueError, match="position is outside"):
+        CpuOps.rope_qkv_cache(qkv, table, torch.tensor([0, 1, 2, 3, 40]), slots, *caches[CpuOps], H, Hkv)
+
+
+@no_ops
+def test_paged_decode_attention_rejects_what_would_read_out_of_bounds():
+    kc = vc = torch.zeros(4, 2, 1, 8)
+    q = torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match="context length"):
+        CpuOps.decode_attention(q, kc, vc, torch.tensor([[0, 1]]), torch.tensor([5]))  # 2 blocks of 2 hold 4
+    with pytest.raises(ValueError, match="block id"):
+        CpuOps.decode_attention(q, kc, vc, torch.tensor([[0, 4]]), torch.tensor([3]))
+    out = CpuOps.decode_attention(q, kc, vc, torch.tensor([[3, 99]]), torch.tensor([2]))  # block 99 unused
+    assert out.shape == (1, 2, 8)

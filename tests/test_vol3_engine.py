@@ -14,9 +14,10 @@ import torch
 
 from shared.config import ModelConfig
 from vol2_torch.model import Transformer
+from vol3_inference import cpu_kernels
 from vol3_inference.engine import Chunk, Engine, ModelWeights, gemv_layout, generate_naive
 from vol3_inference.kv_cache import OutOfBlocks
-from vol3_inference.ops import TorchOps, get_ops
+from vol3_inference.ops import CpuOps, TorchOps, get_ops
 from vol3_inference.sampling import SamplingParams
 
 FP32_TOL = dict(atol=2e-5, rtol=1e-5)  # fp32: same math, different summation order
@@ -25,6 +26,10 @@ BASE = ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=97, m
                    multiple_of=16)
 LAYOUTS = {"mha": BASE.replace(n_kv_heads=6), "gqa": BASE, "mqa": BASE.replace(n_kv_heads=1),
            "untied": BASE.replace(tie_embeddings=False)}
+# Every op backend that runs here: the engine's results must not depend on which one it uses.
+NO_CPU_KERNELS = cpu_kernels.unavailable("ops_avx2")
+BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}"))]
 
 
 def model_for(config: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.02) -> Transformer:
@@ -37,12 +42,14 @@ def model_for(config: ModelConfig, seed: int = 0, dtype=torch.float32, std: floa
     return m.eval()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunk", [None, 7, 1], ids=["one-shot", "chunks-of-7", "token-by-token"])
-def test_cached_logits_equal_full_recompute(layout, chunk):
+def test_cached_logits_equal_full_recompute(layout, chunk, backend):
     config = LAYOUTS[layout]
     model = model_for(config)
-    engine = Engine(ModelWeights.from_model(model), n_blocks=8, block_size=5)  # odd block size
+    engine = Engine(ModelWeights.from_model(model), n_blocks=8, block_size=5, backend=backend)  # odd block size
+    assert engine.backend == backend
     prompt = torch.randint(0, config.vocab_size, (23,), generator=torch.Generator().manual_seed(1))
     ref = model(prompt[None])[0]  # (T, V)
     got = engine.prefill("s", prompt.tolist(), chunk, all_logits=True)
@@ -54,11 +61,12 @@ def test_cached_logits_equal_full_recompute(layout, chunk):
     assert engine.cache.manager.used_blocks == 0
 
 
-def test_mixed_step_decode_and_prefill_equals_solo():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_step_decode_and_prefill_equals_solo(backend):
     """One step holding two decodes and two prefill chunks gives each sequence its own logits."""
     config = LAYOUTS["gqa"]
     model = model_for(config)
-    engine = Engine(ModelWeights.from_model(model), n_blocks=32, block_size=4)
+    engine = Engine(ModelWeights.from_model(model), n_blocks=32, block_size=4, backend=backend)
     g = torch.Generator().manual_seed(2)
     seqs = {n: torch.randint(0, config.vocab_size, (L,), generator=g).tolist()
             for n, L in [("a", 9), ("b", 14), ("c", 6), ("d", 11)]}
@@ -113,11 +121,15 @@ def test_forward_rejects_bad_work_without_changing_the_cache():
 
 def test_backend_switch():
     assert get_ops("torch") is TorchOps
+    assert get_ops("auto") is (CpuOps if NO_CPU_KERNELS is None else TorchOps)
+    assert get_ops("auto", "meta") is TorchOps  # the C kernels are for the CPU only
     with pytest.raises(ValueError, match="unknown backend 'cuda-magic'.*torch"):
         get_ops("cuda-magic")
 
 
-def test_decode_attention_matches_dense_softmax():
+@pytest.mark.parametrize("ops", [TorchOps, pytest.param(CpuOps, marks=pytest.mark.skipif(
+    NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}"))])
+def test_decode_attention_matches_dense_softmax(ops):
     """The paged decode op against attention written out densely, with GQA and ragged lengths."""
     g = torch.Generator().manual_seed(5)
     B, H, Hkv, hd, bs, nb = 3, 4, 2, 8, 3, 12
@@ -125,7 +137,7 @@ def test_decode_attention_matches_dense_softmax():
     tables = torch.tensor([[4, 7, 1, 0], [9, 0, 0, 0], [2, 3, 5, 11]])
     lens = torch.tensor([7, 2, 12])
     q = torch.randn(B, H, hd, generator=g)
-    out = TorchOps.decode_attention(q, kc, vc, tables, lens)
+    out = ops.decode_attention(q, kc, vc, tables, lens)
     for b in range(B):
         k = kc[tables[b]].flatten(0, 1)[:lens[b]]  # (S, Hkv, hd)
         v = vc[tables[b]].flatten(0, 1)[:lens[b]]
@@ -135,14 +147,15 @@ def test_decode_attention_matches_dense_softmax():
             torch.testing.assert_close(out[b, h], p @ v[:, kv], **FP32_TOL)
 
 
-def test_many_decodes_in_length_groups_equal_full_recompute():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_decodes_in_length_groups_equal_full_recompute(backend):
     """19 decoding sequences of very different lengths (so several decode-attention groups) plus a
     prefill chunk in one step: each row equals Volume 2's full forward of its own sequence."""
     from vol3_inference import engine as E
 
     config = LAYOUTS["gqa"]
     model = model_for(config)
-    engine = Engine(ModelWeights.from_model(model), n_blocks=200, block_size=4)
+    engine = Engine(ModelWeights.from_model(model), n_blocks=200, block_size=4, backend=backend)
     g = torch.Generator().manual_seed(6)
     seqs = {i: torch.randint(0, config.vocab_size, (2 + 7 * i % 61,), generator=g).tolist() for i in range(19)}
     for i, s in seqs.items():

@@ -30,7 +30,9 @@ def test_error_at_most_half_a_step_per_channel(n_out, n_in, seed, scale):
     qw, max_err = quantize_int8(w)
     assert qw.q.dtype == torch.int8 and qw.q.abs().max() <= 127
     err = (qw.dequantize() - w).abs()  # (out, in)
-    assert torch.all(err <= qw.scale[:, None] / 2 * (1 + 1e-6))
+    # s/2, plus float32 rounding: w/s is off by up to 127 * 2^-24 steps, q*s by 127 * 2^-24 s, so
+    # by at most s * 127 * 2^-23 in all, under s/2 * 2^-14 (hypothesis found a case past 1e-6)
+    assert torch.all(err <= qw.scale[:, None] / 2 * (1 + 2 ** -14))
     assert max_err == pytest.approx(err.max().item())
     assert torch.equal(qw.dequantize()[0], w[0])
     # absmax maps exactly to +-127: the scale is as fine as the channel allows

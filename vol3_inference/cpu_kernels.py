@@ -1,12 +1,16 @@
 """Compiled CPU kernels: C with AVX2 intrinsics, built by the system's C compiler at first use and
 called through ctypes.
 
-PyTorch has no int8-weight matmul that is fast on an AVX2-only CPU with float32 activations (see
-`quant.py` and chapter 3, "int8 weights"), so the engine brings its own: `kernels/w8a16_avx2.c`, about
-a hundred lines. This module compiles it once per source version with `cc -O3 -mavx2 -mfma` into a
-cache folder (`$VOL3_KERNEL_CACHE`, default `~/.cache/llama-from-scratch/kernels`), loads it, and
-wraps it for tensors. Where it cannot be built or run (no C compiler, a CPU without AVX2, not x86),
-`w8a16_unavailable()` says why and `quant.py` takes its fallback route; nothing else changes.
+Two small libraries in `kernels/`:
+  * `w8a16_avx2.c`, the int8-weight matmul. PyTorch has none that is fast on an AVX2-only CPU with
+    float32 activations (see `quant.py` and chapter 3, "int8 weights").
+  * `ops_avx2.c`, RMSNorm and paged decode attention as single calls: the "cpu" backend of
+    `ops.py`, which cuts the per-op dispatch cost that dominates a small model's decode step.
+
+This module compiles each once per source version with `cc -O3 -mavx2 -mfma` into a cache folder
+(`$VOL3_KERNEL_CACHE`, default `~/.cache/llama-from-scratch/kernels`), loads it, and wraps it for
+tensors. Where one cannot be built or run (no C compiler, a CPU without AVX2, not x86),
+`unavailable(name)` says why and its callers take their PyTorch route; nothing else changes.
 
 Large calls are split over threads by output column: ctypes releases the GIL while C runs, so a
 thread pool of plain Python threads runs the pieces in parallel (`torch.get_num_threads()` of them).
@@ -27,7 +31,19 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "kernels" / "w8a16_avx2.c"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCE = KERNELS / "w8a16_avx2.c"
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {  # library -> {function: argument types}
+    "w8a16_avx2": {"quantize_rows_i16": [_P] * 3 + [_I] * 2,
+                   "w8a16_linear": [_P] * 5 + [_I] * 5,
+                   "w8a16_linear_f32": [_P] * 6 + [_I] * 3},
+    "ops_avx2": {"rmsnorm_f32": [_P] * 3 + [_I] * 2 + [_F],
+                 "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
+                 "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F]},
+}
+RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes; the others return nothing
+            "rope_qkv_cache_f32": ctypes.c_int64}
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 PARALLEL_MIN_WEIGHTS = 1 << 22  # split a call over threads from this many weights (4 MB of int8)
 
@@ -67,30 +83,40 @@ def _build(source: Path, out_dir: Path) -> Path:
 
 
 @functools.cache
-def _load_w8a16() -> ctypes.CDLL | str:
-    """The loaded library, or the reason it is unavailable (cached either way)."""
+def _load(name: str) -> ctypes.CDLL | str:
+    """The library `name` (a key of SIGNATURES), loaded, or the reason it is unavailable (cached)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernel is x86 AVX2 code and this CPU is {platform.machine()}"
+        return f"the kernels are x86 AVX2 code and this CPU is {platform.machine()}"
     cap = torch.backends.cpu.get_cpu_capability()
     if not cap.startswith("AVX"):  # "AVX2", "AVX512"; "DEFAULT" means no AVX2
         return f"this CPU has no AVX2 (torch reports CPU capability {cap})"
     try:
-        lib = ctypes.CDLL(str(_build(SOURCE, cache_dir())))
+        lib = ctypes.CDLL(str(_build(KERNELS / f"{name}.c", cache_dir())))
     except (KernelUnavailable, OSError) as e:
         return str(e)
-    lib.quantize_rows_i16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-    lib.quantize_rows_i16.restype = None
-    lib.w8a16_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
-    lib.w8a16_linear.restype = None
-    lib.w8a16_linear_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
-    lib.w8a16_linear_f32.restype = None
+    for fn, argtypes in SIGNATURES[name].items():
+        getattr(lib, fn).argtypes = argtypes
+        getattr(lib, fn).restype = RESTYPES.get(fn)
+    return lib
+
+
+def unavailable(name: str) -> str | None:
+    """None if library `name` ("w8a16_avx2", "ops_avx2") is usable here, else why not (it is built
+    on the first call)."""
+    lib = _load(name)
+    return lib if isinstance(lib, str) else None
+
+
+def _lib(name: str) -> ctypes.CDLL:
+    lib = _load(name)
+    if isinstance(lib, str):
+        raise KernelUnavailable(lib)
     return lib
 
 
 def w8a16_unavailable() -> str | None:
-    """None if the w8a16 kernel is usable here, else why not (it is built on the first call)."""
-    lib = _load_w8a16()
-    return lib if isinstance(lib, str) else None
+    """None if the w8a16 kernel is usable here, else why not."""
+    return unavailable("w8a16_avx2")
 
 
 @functools.cache
@@ -105,9 +131,7 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     Returns y (M, N) float32. Raises KernelUnavailable (with the reason) where the kernel cannot
     run, ValueError for tensors it does not take.
     """
-    lib = _load_w8a16()
-    if isinstance(lib, str):
-        raise KernelUnavailable(lib)
+    lib = _lib("w8a16_avx2")
     M, K = x.shape
     N = q.shape[0]
     if (x.dtype, q.dtype, scale.dtype) != (torch.float32, torch.int8, torch.float32) or q.shape[1] != K \
@@ -133,3 +157,84 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
         for f in futures:
             f.result()
     return y
+
+
+# --- the "cpu" ops backend --------------------------------------------------------------------------
+
+
+def _f32_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (N, D) / sqrt(mean(x^2) + eps) * weight (D,): float32, contiguous, on the CPU, D % 8 == 0.
+    Returns (N, D). Raises KernelUnavailable / ValueError like `w8a16_linear`."""
+    lib = _lib("ops_avx2")
+    if x.dim() != 2 or weight.shape != x.shape[1:] or x.shape[1] % 8 or not _f32_cpu(x, weight):
+        raise ValueError(f"rmsnorm takes contiguous float32 x (N, D), weight (D,) with D % 8 == 0; got "
+                         f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
+    y = torch.empty_like(x)
+    lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
+    return y
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Decode attention read in place from the paged cache (see `ops.TorchOps.decode_attention`).
+
+    q: (B, H, hd) float32; k_cache, v_cache: (NB, bs, Hkv, hd) float32, contiguous; block_tables:
+    (B, W) int64; context_lens: (B,) int64. hd % 8 == 0, H % Hkv == 0. Returns (B, H, hd) float32.
+    Raises ValueError for other shapes or dtypes, a length outside [1, W * bs], or a block id the
+    lengths reach outside the cache (the kernel checks before it reads).
+    """
+    lib = _lib("ops_avx2")
+    B, H, hd = q.shape
+    NB, bs, Hkv, hd_k = k_cache.shape
+    W = block_tables.shape[1]
+    if q.stride()[1:] != (hd, 1):  # sequences may be strided (rows of a wider buffer), heads not
+        q = q.contiguous()
+    if (hd % 8 or hd_k != hd or H % Hkv or v_cache.shape != k_cache.shape or block_tables.shape[0] != B
+            or context_lens.shape != (B,) or not _f32_cpu(k_cache, v_cache) or q.dtype != torch.float32
+            or block_tables.dtype != torch.long or context_lens.dtype != torch.long
+            or not (block_tables.is_contiguous() and context_lens.is_contiguous())):
+        raise ValueError(f"paged_decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
+                         f"cache {tuple(k_cache.shape)} {k_cache.dtype}, tables {tuple(block_tables.shape)}")
+    out = torch.empty(B, H, hd, dtype=torch.float32)
+    scores = torch.empty(W * bs, dtype=torch.float32)
+    err = lib.paged_decode_attention_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                         block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
+                                         scores.data_ptr(), B, H, Hkv, hd, bs, W, NB, q.stride(0), hd ** -0.5)
+    if err:
+        raise ValueError("paged_decode_attention: " + ("a context length is outside [1, blocks * block_size]"
+                                                       if err == 1 else "a block id is outside the cache"))
+    return out
+
+
+def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int):
+    """Rotate q and k of the fused qkv rows by RoPE and store k, v in the cache, in one call.
+
+    qkv: (N, (H + 2 Hkv) hd) float32, contiguous; rope_table: (max_pos, hd/2) complex64 (cos + i sin);
+    pos, slots: (N,) int64; k_cache, v_cache: (NB, bs, Hkv, hd) float32, contiguous.
+    Returns q (N, H, hd), k, v (N, Hkv, hd): views of one new buffer, k rotated.
+    Raises ValueError for other shapes or dtypes, or a position or slot out of range.
+    """
+    lib = _lib("ops_avx2")
+    N = qkv.shape[0]
+    H, Hkv, hd = n_heads, n_kv_heads, k_cache.shape[-1]
+    table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2): cos, sin
+    if (qkv.dim() != 2 or qkv.shape[1] != (H + 2 * Hkv) * hd or k_cache.shape[2:] != (Hkv, hd)
+            or v_cache.shape != k_cache.shape or table.shape[1] * 2 != hd or pos.shape != (N,)
+            or slots.shape != (N,) or pos.dtype != torch.long or slots.dtype != torch.long
+            or not _f32_cpu(qkv, table, k_cache, v_cache) or not (pos.is_contiguous() and slots.is_contiguous())):
+        raise ValueError(f"rope_qkv_cache: unsupported shapes or dtypes: qkv {tuple(qkv.shape)} {qkv.dtype}, "
+                         f"cache {tuple(k_cache.shape)} {k_cache.dtype}, rope table {tuple(rope_table.shape)}")
+    out = torch.empty_like(qkv)
+    err = lib.rope_qkv_cache_f32(qkv.data_ptr(), out.data_ptr(), table.data_ptr(), pos.data_ptr(), slots.data_ptr(),
+                                 k_cache.data_ptr(), v_cache.data_ptr(), N, H, Hkv, hd, table.shape[0],
+                                 k_cache.shape[0] * k_cache.shape[1])
+    if err:
+        raise ValueError("rope_qkv_cache: " + ("a position is outside the RoPE table" if err == 1
+                                                else "a slot is outside the cache"))
+    heads = out.view(N, H + 2 * Hkv, hd)
+    return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]

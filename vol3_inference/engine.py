@@ -194,15 +194,16 @@ class Engine:
     Args:
         weights: the model; the engine, its cache and every tensor it makes live on its device.
         n_blocks / block_size: cache geometry; default room for 4 full-length sequences.
-        backend: op set from `ops.BACKENDS` ("torch").
+        backend: op set from `ops.BACKENDS` ("torch", "cpu"), or "auto" ("cpu" where its kernels run).
     """
 
     def __init__(self, weights: ModelWeights, n_blocks: int | None = None, block_size: int = 16,
-                 backend: str = "torch"):
+                 backend: str = "auto"):
         c = weights.config
         self.weights, self.config, self.backend = weights, c, backend
         self.device = weights.device
-        self.ops = get_ops(backend)
+        self.ops = get_ops(backend, self.device)
+        self.backend = self.ops.name
         n_blocks = n_blocks or 4 * -(-c.max_seq_len // block_size)
         self.cache = PagedKVCache(c, n_blocks, block_size, dtype=weights.dtype, device=self.device)
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
@@ -265,7 +266,6 @@ class Engine:
         tok = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         slot = torch.tensor(slots, dtype=torch.long, device=dev)
-        freqs = self.rope_freqs[pos]  # (N, hd/2) complex
         # Batched decode attention pads every sequence to the longest one in its call. Mixing short and
         # long contexts (what continuous batching does) would waste up to half of that work, so the
         # decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar lengths.
@@ -290,11 +290,7 @@ class Engine:
             kc, vc = self.cache.k[li], self.cache.v[li]  # (NB, bs, Hkv, hd)
             h = ops.rmsnorm(x, L.attention_norm, c.norm_eps)
             qkv = ops.linear(h, L.wqkv)  # (N, (H + 2 Hkv) hd)
-            # q and k side by side in each row get one RoPE call: (N, H + Hkv, hd), a strided view
-            qk = ops.rope(qkv[:, :(H + Hkv) * hd].view(N, H + Hkv, hd), freqs)
-            q, k = qk[:, :H], qk[:, H:]  # (N, H, hd), (N, Hkv, hd)
-            v = qkv[:, (H + Hkv) * hd:].view(N, Hkv, hd)
-            ops.write_kv(kc, vc, slot, k, v)
+            q, k, v = ops.rope_qkv_cache(qkv, self.rope_freqs, pos, slot, kc, vc, H, Hkv)  # k, v now cached
             if not prefills and n_groups == 1:
                 attn = ops.decode_attention(q, kc, vc, dec_groups[0][2], dec_groups[0][3])  # (N, H, hd)
             else:

@@ -7,10 +7,13 @@ after an optional cached prefix) and decode attention that reads keys and values
 the paged KV cache through a block table (Kwon et al. 2023, "Efficient Memory Management for Large
 Language Model Serving with PagedAttention", section 4.1).
 
-Backends. `get_ops("torch")` returns `TorchOps`. A faster backend (Triton kernels next) subclasses
-`TorchOps`, overrides the ops it accelerates, and registers itself in `BACKENDS`; everything it does
-not override falls back to the reference, and tests run both backends on the same inputs and
-compare. The engine resolves its backend once, from a string, so configs stay serializable.
+Backends. `get_ops("torch")` returns `TorchOps`. A faster backend subclasses `TorchOps`, overrides
+the ops it accelerates, and registers itself in `BACKENDS`; everything it does not override (or an
+input it does not take) falls back to the reference, and tests run both backends on the same inputs
+and compare. `CpuOps` ("cpu") is the first: RMSNorm and paged decode attention as single C calls
+(`cpu_kernels.py`), for float32 on an x86 CPU with AVX2; Triton kernels for GPUs plug in the same
+way. The engine resolves its backend once, from a string ("auto": "cpu" where its kernels run, else
+"torch"), so configs stay serializable.
 
 Shape legend:
     N tokens in this step (all sequences, flattened), B sequences, T tokens of one sequence's chunk,
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vol3_inference import cpu_kernels
 from vol3_inference.quant import Int8Weight, int8_linear
 
 
@@ -73,6 +77,21 @@ class TorchOps:
         Hkv, hd = k.shape[1:]
         k_cache.view(-1, Hkv, hd).index_copy_(0, slots, k)
         v_cache.view(-1, Hkv, hd).index_copy_(0, slots, v)
+
+    @classmethod
+    def rope_qkv_cache(cls, qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int):
+        """Split the fused qkv (N, (H + 2 Hkv) hd) into heads, rotate q and k by RoPE at positions
+        pos (N,) (rope_table: (max_pos, hd/2) complex, cos + i sin), store k and v at flat slots (N,)
+        of one layer's cache (NB, bs, Hkv, hd). Returns q (N, H, hd), k, v (N, Hkv, hd)."""
+        N, hd = qkv.shape[0], k_cache.shape[-1]
+        H, Hkv = n_heads, n_kv_heads
+        # q and k side by side in each row get one RoPE call: (N, H + Hkv, hd), a strided view
+        qk = cls.rope(qkv[:, :(H + Hkv) * hd].view(N, H + Hkv, hd), rope_table[pos])
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, (H + Hkv) * hd:].view(N, Hkv, hd)
+        cls.write_kv(k_cache, v_cache, slots, k, v)
+        return q, k, v
 
     @staticmethod
     def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -135,12 +154,50 @@ class TorchOps:
         return out[:, :, 0]
 
 
-BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps}
+class CpuOps(TorchOps):
+    """RMSNorm, RoPE with the cache write, and decode attention as one C call each
+    (`kernels/ops_avx2.c`): at batch 1 a decode step is dozens of ops on a few hundred floats, so
+    per-op dispatch, not arithmetic, sets its speed. Decode attention reads keys and values in place
+    through the block table, with no gather and no padding. Inputs the kernels do not take (not
+    float32 on the CPU, a width not a multiple of 8) go to the reference."""
+
+    name = "cpu"
+
+    @staticmethod
+    def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if (x.dim() == 2 and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+                and x.shape[1] % 8 == 0 and x.is_contiguous()):
+            return cpu_kernels.rmsnorm(x, weight, eps)
+        return TorchOps.rmsnorm(x, weight, eps)
+
+    @classmethod
+    def rope_qkv_cache(cls, qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads):
+        if (qkv.dtype == k_cache.dtype == torch.float32 and qkv.device.type == "cpu" and qkv.is_contiguous()
+                and rope_table.dtype == torch.complex64 and k_cache.is_contiguous()):
+            return cpu_kernels.rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
+        return super().rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
+
+    @classmethod
+    def decode_attention(cls, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        if q.dtype == k_cache.dtype == torch.float32 and q.device.type == "cpu" and q.shape[-1] % 8 == 0:
+            return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+        return super().decode_attention(q, k_cache, v_cache, block_tables, context_lens)
 
 
-def get_ops(backend: str = "torch") -> type[TorchOps]:
-    """The op set called `backend`. Raises ValueError listing the known backends."""
+BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps}
+
+
+def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[TorchOps]:
+    """The op set called `backend`; "auto" is "cpu" on a CPU where its kernels build and run, else
+    "torch". Raises ValueError listing the known backends, or if "cpu" is asked for where its kernels
+    cannot run (saying why)."""
+    if backend == "auto":
+        ok = torch.device(device).type == "cpu" and cpu_kernels.unavailable("ops_avx2") is None
+        return CpuOps if ok else TorchOps
+    if backend == "cpu" and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
+        raise ValueError(f"backend 'cpu' cannot run here: {why}")
     try:
         return BACKENDS[backend]
     except KeyError:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}") from None
+        raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}") from None
