@@ -149,3 +149,21 @@ def test_paged_decode_attention_rejects_what_would_read_out_of_bounds():
         CpuOps.decode_attention(q, kc, vc, torch.tensor([[0, 4]]), torch.tensor([3]))
     out = CpuOps.decode_attention(q, kc, vc, torch.tensor([[3, 99]]), torch.tensor([2]))  # block 99 unused
     assert out.shape == (1, 2, 8)
+
+
+@no_ops
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 4), n=st.integers(1, 70), k=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_gemv_colmajor_matches_linear(m, n, k, seed):
+    """Any N and K (the kernel has tails for N % 8 and K % 4), column-major weights as the engine stores them."""
+    from vol3_inference.engine import gemv_layout
+
+    g = torch.Generator().manual_seed(seed)
+    w, x = gemv_layout(torch.randn(n, k, generator=g)), torch.randn(m, k, generator=g)
+    assert w.t().is_contiguous() or n == 1 or k == 1
+    ref = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(CpuOps.linear(x, w), ref, atol=1e-5, rtol=1e-5)
+    if w.t().is_contiguous():
+        torch.testing.assert_close(cpu_kernels.gemv_colmajor(x, w), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="column-major"):
+        cpu_kernels.gemv_colmajor(x, torch.randn(n, k + 1))

@@ -39,6 +39,7 @@ SIGNATURES = {  # library -> {function: argument types}
                    "w8a16_linear": [_P] * 5 + [_I] * 5,
                    "w8a16_linear_f32": [_P] * 6 + [_I] * 3},
     "ops_avx2": {"rmsnorm_f32": [_P] * 3 + [_I] * 2 + [_F],
+                 "gemv_colmajor_f32": [_P] * 3 + [_I] * 3,
                  "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
                  "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F]},
 }
@@ -175,6 +176,22 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
                          f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
     y = torch.empty_like(x)
     lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
+    return y
+
+
+def gemv_colmajor(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight.T -> (M, N) for a float32 weight (N, K) stored column-major (weight.t() is
+    contiguous, as `engine.gemv_layout` stores it); x float32 contiguous on the CPU. Meant for a few
+    rows (decode): each row streams the whole weight. Raises ValueError for other inputs."""
+    lib = _lib("ops_avx2")
+    M, K = x.shape
+    N = weight.shape[0]
+    wt = weight.t()
+    if weight.shape != (N, K) or not _f32_cpu(x, wt):
+        raise ValueError(f"gemv_colmajor takes contiguous float32 x (M, K) and a column-major float32 weight "
+                         f"(N, K); got {tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib.gemv_colmajor_f32(x.data_ptr(), wt.data_ptr(), y.data_ptr(), M, N, K)
     return y
 
 

@@ -155,13 +155,24 @@ class TorchOps:
 
 
 class CpuOps(TorchOps):
-    """RMSNorm, RoPE with the cache write, and decode attention as one C call each
-    (`kernels/ops_avx2.c`): at batch 1 a decode step is dozens of ops on a few hundred floats, so
+    """RMSNorm, RoPE with the cache write, decode attention and the fp32 GEMV of decode as one C call
+    each (`kernels/ops_avx2.c`): at batch 1 a decode step is dozens of ops on a few hundred floats, so
     per-op dispatch, not arithmetic, sets its speed. Decode attention reads keys and values in place
     through the block table, with no gather and no padding. Inputs the kernels do not take (not
     float32 on the CPU, a width not a multiple of 8) go to the reference."""
 
     name = "cpu"
+    GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
+    GEMV_MAX_THREADED = 1 << 20  # with more than one thread, MKL takes weights past this many values
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+        if (isinstance(weight, torch.Tensor) and x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS
+                and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                and weight.t().is_contiguous()
+                and (torch.get_num_threads() == 1 or weight.numel() <= cls.GEMV_MAX_THREADED)):
+            return cpu_kernels.gemv_colmajor(x, weight)
+        return TorchOps.linear(x, weight)
 
     @staticmethod
     def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,6 +8,9 @@
  *   rope_qkv_cache_f32: split the fused qkv rows, rotate q and k by their positions' angles (RoPE,
  *     Su et al. 2021, eq. 34, Meta's interleaved pairs: (x0 + i x1)(cos + i sin)), and store k and v
  *     in their cache slots; the rotated q, k and v also go to `out` for attention.
+ *   gemv_colmajor_f32: y = x @ W^T for a few rows x, with W stored column-major (the engine's fp32
+ *     layout, engine.gemv_layout): four rows of W^T per pass are scaled by their x and added into y,
+ *     which stays in L1/L2, so the weights stream through once, in order, with a software prefetch.
  *   paged_decode_attention_f32: one query token per sequence against its cached keys and values,
  *     read in place through the block table (Kwon et al. 2023, PagedAttention, section 4.1): no
  *     gather, no padding. Softmax in two passes over a score buffer (max, then exp and sum).
@@ -18,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -41,6 +45,38 @@ void rmsnorm_f32(const float *x, const float *w, float *y, int64_t N, int64_t D,
         for (int64_t i = 0; i < D; i += 8)
             _mm256_storeu_ps(y + n * D + i,
                              _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), inv), _mm256_loadu_ps(w + i)));
+    }
+}
+
+/* x (M, K), y (M, N); wt (K, N) row-major, i.e. W (N, K) stored column-major. Any N, K. */
+void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K) {
+    int64_t n8 = N - N % 8;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float *ym = y + m * N;
+        memset(ym, 0, N * sizeof(float));
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {
+            const float *r0 = wt + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
+            __m256 x0 = _mm256_set1_ps(xm[k]), x1 = _mm256_set1_ps(xm[k + 1]);
+            __m256 x2 = _mm256_set1_ps(xm[k + 2]), x3 = _mm256_set1_ps(xm[k + 3]);
+            for (int64_t n = 0; n < n8; n += 8) {
+                _mm_prefetch((const char *)(r0 + n + 4 * N), _MM_HINT_T0);
+                _mm_prefetch((const char *)(r1 + n + 4 * N), _MM_HINT_T0);
+                _mm_prefetch((const char *)(r2 + n + 4 * N), _MM_HINT_T0);
+                _mm_prefetch((const char *)(r3 + n + 4 * N), _MM_HINT_T0);
+                __m256 acc = _mm256_loadu_ps(ym + n);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + n), x0, acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + n), x1, acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + n), x2, acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + n), x3, acc);
+                _mm256_storeu_ps(ym + n, acc);
+            }
+            for (int64_t n = n8; n < N; n++)
+                ym[n] += r0[n] * xm[k] + r1[n] * xm[k + 1] + r2[n] * xm[k + 2] + r3[n] * xm[k + 3];
+        }
+        for (; k < K; k++)
+            for (int64_t n = 0; n < N; n++) ym[n] += wt[k * N + n] * xm[k];
     }
 }
 
