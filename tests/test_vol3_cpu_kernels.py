@@ -167,3 +167,5 @@ def test_gemv_colmajor_matches_linear(m, n, k, seed):
         torch.testing.assert_close(cpu_kernels.gemv_colmajor(x, w), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="column-major"):
         cpu_kernels.gemv_colmajor(x, torch.randn(n, k + 1))
+    if n > 1:  # rows of a column-major matrix: strided, not column-major; the backend falls back
+        torch.testing.assert_close(CpuOps.linear(x, w[:-1]), ref[:, :-1], atol=1e-5, rtol=1e-5)

@@ -164,7 +164,11 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def _f32_cpu(*ts: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+    """Every tensor float32, contiguous, on the CPU (a plain loop: this runs several times per layer)."""
+    for t in ts:
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

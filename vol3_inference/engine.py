@@ -263,9 +263,7 @@ class Engine:
             slots.extend(mgr.append(ch.seq, len(ch.tokens)))
         N = len(tokens)
         dev = self.device
-        tok = torch.tensor(tokens, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        slot = torch.tensor(slots, dtype=torch.long, device=dev)
+        tok, pos, slot = torch.tensor([tokens, positions, slots], dtype=torch.long, device=dev)  # one upload
         # Batched decode attention pads every sequence to the longest one in its call. Mixing short and
         # long contexts (what continuous batching does) would waste up to half of that work, so the
         # decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar lengths.
@@ -283,7 +281,8 @@ class Engine:
             prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq)))
             row += len(ch.tokens)
 
-        last = None if all_logits else (  # each chunk's last row, uploaded before the layers keep a GPU busy
+        last = None if all_logits or N == len(chunks) else (  # each chunk's last row (all rows if one token each),
+            # uploaded before the layers keep a GPU busy
             torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long, device=dev) - 1)
         x = self._embed(tok)  # (N, D)
         for li, L in enumerate(self.weights.layers):
@@ -309,7 +308,7 @@ class Engine:
             bounds = list(itertools.accumulate([len(ch.tokens) for ch in chunks], initial=0))
             outs = [logits[a:b] for a, b in itertools.pairwise(bounds)]
         else:
-            h = ops.rmsnorm(x[last], self.weights.norm, c.norm_eps)  # (B, D)
+            h = ops.rmsnorm(x if last is None else x[last], self.weights.norm, c.norm_eps)  # (B, D)
             outs = list(ops.linear(h, self.weights.output).unbind(0))  # B x (V,)
         result: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
         for j, i in enumerate(order):

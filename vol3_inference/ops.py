@@ -167,11 +167,11 @@ class CpuOps(TorchOps):
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-        if (isinstance(weight, torch.Tensor) and x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS
-                and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-                and weight.t().is_contiguous()
-                and (torch.get_num_threads() == 1 or weight.numel() <= cls.GEMV_MAX_THREADED)):
-            return cpu_kernels.gemv_colmajor(x, weight)
+        # decode-sized fp32 products go to the kernel (it checks the rest: layout, device, shapes)
+        if (x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS and type(weight) is torch.Tensor
+                and weight.dtype is torch.float32 and weight.stride() == (1, weight.shape[0]) and x.is_cpu
+                and (weight.numel() <= cls.GEMV_MAX_THREADED or torch.get_num_threads() == 1)):
+            return cpu_kernels.gemv_colmajor(x.contiguous(), weight)
         return TorchOps.linear(x, weight)
 
     @staticmethod
