@@ -20,6 +20,7 @@ from shared.threads import choose_threads
 from vol2_torch.device import pick_device
 from vol3_inference.engine import tune_allocator
 from vol3_inference.load import QUANT_MODES
+from vol3_inference.ops import BACKENDS
 from vol3_inference.quant import INT8_ROUTE, INT8_ROUTES, int8_route
 from vol3_inference.sampling import SamplingParams
 from vol3_inference.scheduler import LLM, RequestError
@@ -48,6 +49,8 @@ def build_parser() -> ArgumentParser:
                    help="torch intra-op threads on CPU, or 'auto': time 1 vs 2 on a matmul and keep the faster")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the engine runs: auto = cuda when torch sees one, else cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="op backend: auto = the C kernels on a CPU where they build, else torch")
     return p
 
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                  repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens,
                                  seed=None if args.seed is None else args.seed + i, stop=tuple(args.stop))
                   for i in range(len(args.prompt))]
-        llm = LLM.from_path(args.ckpt, quant=args.quant, device=device)
+        llm = LLM.from_path(args.ckpt, quant=args.quant, device=device, backend=args.backend)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         return fail(str(e).splitlines()[0])
     if llm.tokenizer is None:

@@ -106,7 +106,10 @@ def probe_layout(preset: str, rows: list[int], rounds: int) -> None:
           f"({t['row'] / t['col']:.2f}x)")
     torch.manual_seed(0)
     weights = ModelWeights.from_model(Transformer(c))
-    engines = {"row-major": Engine(row_major(weights)), "column-major": Engine(weights)}
+    # the PyTorch ops, whose F.linear (MKL) the layout is chosen for; the "cpu" backend's own GEMV
+    # reads column-major weights only
+    engines = {"row-major": Engine(row_major(weights), backend="torch"),
+               "column-major": Engine(weights, backend="torch")}
     med = decode_step_ms(engines, rounds * 4, min(c.max_seq_len, 200))
     print(f"  engine decode step, batch 1: row-major {med['row-major']:.2f} ms, column-major "
           f"{med['column-major']:.2f} ms ({med['row-major'] / med['column-major']:.2f}x)")
@@ -160,7 +163,7 @@ class CompiledOps(ops.TorchOps):
 
 def probe_compile(weights: ModelWeights, rounds: int) -> None:
     c = weights.config
-    engine = Engine(weights)
+    engine = Engine(weights, backend="torch")
     width = c.max_seq_len // engine.cache.block_size
     engine.prefill(0, list(range(1, 17)))
     slots = engine.cache.manager.append(0, 1)  # position 16's slot; the step below rewrites it every call
@@ -179,7 +182,7 @@ def probe_compile(weights: ModelWeights, rounds: int) -> None:
           f"eager {t['eager']:.3f} ms, compiled {t['compiled']:.3f} ms ({t['eager'] / t['compiled']:.2f}x); "
           f"max |logit difference| {err:.1e}")
     ops.BACKENDS["compiled"] = CompiledOps
-    engines = {"torch": Engine(weights), "compiled": Engine(weights, backend="compiled")}
+    engines = {"torch": Engine(weights, backend="torch"), "compiled": Engine(weights, backend="compiled")}
     t0 = time.perf_counter()
     for e in engines.values():  # the first step compiles
         e.prefill(0, list(range(1, 17)))

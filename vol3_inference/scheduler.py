@@ -316,7 +316,7 @@ class LLM:
 
     def __init__(self, weights: ModelWeights, tokenizer=None, *, n_blocks: int | None = None,
                  block_size: int = 16, max_batch: int = 32, max_step_tokens: int = 512,
-                 backend: str = "torch", policy: str = "continuous"):
+                 backend: str = "auto", policy: str = "continuous"):
         c = weights.config
         n_blocks = n_blocks or max_batch * -(-c.max_seq_len // block_size)
         self.engine = Engine(weights, n_blocks, block_size, backend)
