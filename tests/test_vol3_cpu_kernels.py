@@ -3,13 +3,15 @@ bound, across shapes, the int32 overflow guard, threads, and the build cache."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vol3_inference import cpu_kernels
-from vol3_inference.ops import CpuOps, TorchOps
+from vol3_inference.ops import CpuGemvOps, CpuOps, TorchOps
 from vol3_inference.quant import int8_linear, quantize_int8
 
 WHY = cpu_kernels.w8a16_unavailable()
@@ -60,6 +62,7 @@ def test_w8a16_int32_sums_do_not_overflow(K):
 
 @needs_kernel
 def test_w8a16_threads_split_columns_exactly():
+    """Threads take whole output columns, so the result is bit-identical to one thread's."""
     g = torch.Generator().manual_seed(0)
     N, K = 4099, 1024  # N * K >= PARALLEL_MIN_WEIGHTS, and N not divisible by the thread count
     assert N * K >= cpu_kernels.PARALLEL_MIN_WEIGHTS
@@ -162,10 +165,27 @@ def test_gemv_colmajor_matches_linear(m, n, k, seed):
     w, x = gemv_layout(torch.randn(n, k, generator=g)), torch.randn(m, k, generator=g)
     assert w.t().is_contiguous() or n == 1 or k == 1
     ref = torch.nn.functional.linear(x, w)
-    torch.testing.assert_close(CpuOps.linear(x, w), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(CpuGemvOps.linear(x, w), ref, atol=1e-5, rtol=1e-5)
     if w.t().is_contiguous():
         torch.testing.assert_close(cpu_kernels.gemv_colmajor(x, w), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="column-major"):
         cpu_kernels.gemv_colmajor(x, torch.randn(n, k + 1))
     if n > 1:  # rows of a column-major matrix: strided, not column-major; the backend falls back
-        torch.testing.assert_close(CpuOps.linear(x, w[:-1]), ref[:, :-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(CpuGemvOps.linear(x, w[:-1]), ref[:, :-1], atol=1e-5, rtol=1e-5)
+
+
+@no_ops
+def test_gemv_threads_split_columns_exactly_and_share_torch_openmp():
+    from vol3_inference.engine import gemv_layout
+
+    g = torch.Generator().manual_seed(3)
+    w, x = gemv_layout(torch.randn(1031, 512, generator=g)), torch.randn(3, 512, generator=g)
+    assert w.numel() >= cpu_kernels.PARALLEL_MIN_WEIGHTS
+    one = cpu_kernels.gemv_colmajor(x, w)
+    torch.set_num_threads(2)  # conftest puts it back to one
+    assert torch.equal(cpu_kernels.gemv_colmajor(x, w), one)
+    torch.testing.assert_close(one, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # one OpenMP runtime in the process: the kernels use torch's libgomp
+        gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        assert len(gomp) <= 1, gomp

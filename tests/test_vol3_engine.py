@@ -15,9 +15,10 @@ import torch
 from shared.config import ModelConfig
 from vol2_torch.model import Transformer
 from vol3_inference import cpu_kernels
+from vol3_inference import ops as ops_module
 from vol3_inference.engine import Chunk, Engine, ModelWeights, gemv_layout, generate_naive
 from vol3_inference.kv_cache import OutOfBlocks
-from vol3_inference.ops import CpuOps, TorchOps, get_ops
+from vol3_inference.ops import CpuGemvOps, CpuOps, TorchOps, get_ops
 from vol3_inference.sampling import SamplingParams
 
 FP32_TOL = dict(atol=2e-5, rtol=1e-5)  # fp32: same math, different summation order
@@ -28,8 +29,8 @@ LAYOUTS = {"mha": BASE.replace(n_kv_heads=6), "gqa": BASE, "mqa": BASE.replace(n
            "untied": BASE.replace(tie_embeddings=False)}
 # Every op backend that runs here: the engine's results must not depend on which one it uses.
 NO_CPU_KERNELS = cpu_kernels.unavailable("ops_avx2")
-BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
-    NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}"))]
+BACKENDS = ["torch", *(pytest.param(b, marks=pytest.mark.skipif(
+    NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}")) for b in ("cpu", "cpu-gemv"))]
 
 
 def model_for(config: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.02) -> Transformer:
@@ -121,8 +122,11 @@ def test_forward_rejects_bad_work_without_changing_the_cache():
 
 def test_backend_switch():
     assert get_ops("torch") is TorchOps
-    assert get_ops("auto") is (CpuOps if NO_CPU_KERNELS is None else TorchOps)
-    assert get_ops("auto", "meta") is TorchOps  # the C kernels are for the CPU only
+    small, big = ops_module.GEMV_MAX_MODEL_BYTES, ops_module.GEMV_MAX_MODEL_BYTES + 1
+    assert get_ops("auto", "cpu", small) is (CpuGemvOps if NO_CPU_KERNELS is None else TorchOps)
+    assert get_ops("auto", "cpu", big) is (CpuOps if NO_CPU_KERNELS is None else TorchOps)
+    assert get_ops("auto", "cpu", 0) is (CpuOps if NO_CPU_KERNELS is None else TorchOps)  # no fp32 weights
+    assert get_ops("auto", "meta", small) is TorchOps  # the C kernels are for the CPU only
     with pytest.raises(ValueError, match="unknown backend 'cuda-magic'.*torch"):
         get_ops("cuda-magic")
 

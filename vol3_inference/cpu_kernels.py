@@ -12,8 +12,9 @@ This module compiles each once per source version with `cc -O3 -mavx2 -mfma` int
 tensors. Where one cannot be built or run (no C compiler, a CPU without AVX2, not x86),
 `unavailable(name)` says why and its callers take their PyTorch route; nothing else changes.
 
-Large calls are split over threads by output column: ctypes releases the GIL while C runs, so a
-thread pool of plain Python threads runs the pieces in parallel (`torch.get_num_threads()` of them).
+Matmuls of at least PARALLEL_MIN_WEIGHTS weights are split over `torch.get_num_threads()` OpenMP
+threads by output column. They are torch's own threads: the library asks for `libgomp.so.1`, and the
+dynamic linker hands it the copy torch has already loaded, so one thread pool serves both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,16 +37,18 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # library -> {function: argument types}
     "w8a16_avx2": {"quantize_rows_i16": [_P] * 3 + [_I] * 2,
                    "w8a16_linear": [_P] * 5 + [_I] * 5,
-                   "w8a16_linear_f32": [_P] * 6 + [_I] * 3},
+                   "w8a16_linear_f32": [_P] * 6 + [_I] * 4},
     "ops_avx2": {"rmsnorm_f32": [_P] * 3 + [_I] * 2 + [_F],
-                 "gemv_colmajor_f32": [_P] * 3 + [_I] * 3,
+                 "gemv_colmajor_f32": [_P] * 3 + [_I] * 4,
                  "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
                  "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F]},
 }
 RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes; the others return nothing
             "rope_qkv_cache_f32": ctypes.c_int64}
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
-PARALLEL_MIN_WEIGHTS = 1 << 22  # split a call over threads from this many weights (4 MB of int8)
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# Split a matmul over torch's threads from this many weights: below it, waking a second thread costs
+# more than it saves (measured on seed512's and the trained model's matrices at batch 1).
+PARALLEL_MIN_WEIGHTS = 1 << 18
 
 
 class KernelUnavailable(RuntimeError):
@@ -120,9 +122,8 @@ def w8a16_unavailable() -> str | None:
     return unavailable("w8a16_avx2")
 
 
-@functools.cache
-def _pool(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="w8a16")
+def _threads_for(n_weights: int) -> int:
+    return torch.get_num_threads() if n_weights >= PARALLEL_MIN_WEIGHTS else 1
 
 
 def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -144,19 +145,8 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     xq = torch.empty(M, K, dtype=torch.int16)
     sx = torch.empty(M, dtype=torch.float32)
     y = torch.empty(M, N, dtype=torch.float32)
-    n_threads = torch.get_num_threads()
-    if n_threads == 1 or N * K < PARALLEL_MIN_WEIGHTS:
-        lib.w8a16_linear_f32(x.data_ptr(), xq.data_ptr(), sx.data_ptr(), q.data_ptr(), scale.data_ptr(),
-                             y.data_ptr(), M, N, K)
-    else:
-        lib.quantize_rows_i16(x.data_ptr(), xq.data_ptr(), sx.data_ptr(), M, K)
-        args = (xq.data_ptr(), sx.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K)
-        bounds = [N * i // n_threads for i in range(n_threads + 1)]
-        futures = [_pool(n_threads - 1).submit(lib.w8a16_linear, *args, a, b)
-                   for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
-        lib.w8a16_linear(*args, bounds[0], bounds[1])  # this thread takes the first share
-        for f in futures:
-            f.result()
+    lib.w8a16_linear_f32(x.data_ptr(), xq.data_ptr(), sx.data_ptr(), q.data_ptr(), scale.data_ptr(),
+                         y.data_ptr(), M, N, K, _threads_for(N * K))
     return y
 
 
@@ -195,7 +185,7 @@ def gemv_colmajor(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gemv_colmajor takes contiguous float32 x (M, K) and a column-major float32 weight "
                          f"(N, K); got {tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.gemv_colmajor_f32(x.data_ptr(), wt.data_ptr(), y.data_ptr(), M, N, K)
+    lib.gemv_colmajor_f32(x.data_ptr(), wt.data_ptr(), y.data_ptr(), M, N, K, _threads_for(N * K))
     return y
 
 

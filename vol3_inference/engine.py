@@ -194,7 +194,7 @@ class Engine:
     Args:
         weights: the model; the engine, its cache and every tensor it makes live on its device.
         n_blocks / block_size: cache geometry; default room for 4 full-length sequences.
-        backend: op set from `ops.BACKENDS` ("torch", "cpu"), or "auto" ("cpu" where its kernels run).
+        backend: op set from `ops.BACKENDS` ("torch", "cpu", "cpu-gemv"), or "auto" (`ops.get_ops`).
     """
 
     def __init__(self, weights: ModelWeights, n_blocks: int | None = None, block_size: int = 16,
@@ -202,7 +202,8 @@ class Engine:
         c = weights.config
         self.weights, self.config, self.backend = weights, c, backend
         self.device = weights.device
-        self.ops = get_ops(backend, self.device)
+        fp32_bytes = weights.linear_bytes() if weights.dtype == torch.float32 else 0
+        self.ops = get_ops(backend, self.device, fp32_bytes)
         self.backend = self.ops.name
         n_blocks = n_blocks or 4 * -(-c.max_seq_len // block_size)
         self.cache = PagedKVCache(c, n_blocks, block_size, dtype=weights.dtype, device=self.device)

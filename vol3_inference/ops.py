@@ -11,9 +11,10 @@ Backends. `get_ops("torch")` returns `TorchOps`. A faster backend subclasses `To
 the ops it accelerates, and registers itself in `BACKENDS`; everything it does not override (or an
 input it does not take) falls back to the reference, and tests run both backends on the same inputs
 and compare. `CpuOps` ("cpu") is the first: RMSNorm and paged decode attention as single C calls
-(`cpu_kernels.py`), for float32 on an x86 CPU with AVX2; Triton kernels for GPUs plug in the same
-way. The engine resolves its backend once, from a string ("auto": "cpu" where its kernels run, else
-"torch"), so configs stay serializable.
+(`cpu_kernels.py`), for float32 on an x86 CPU with AVX2, and `CpuGemvOps` ("cpu-gemv") adds the
+fp32 decode GEMV for models small enough to stay in cache; Triton kernels for GPUs plug in the same
+way. The engine resolves its backend once, from a string ("auto": see `get_ops`), so configs stay
+serializable.
 
 Shape legend:
     N tokens in this step (all sequences, flattened), B sequences, T tokens of one sequence's chunk,
@@ -155,24 +156,13 @@ class TorchOps:
 
 
 class CpuOps(TorchOps):
-    """RMSNorm, RoPE with the cache write, decode attention and the fp32 GEMV of decode as one C call
-    each (`kernels/ops_avx2.c`): at batch 1 a decode step is dozens of ops on a few hundred floats, so
+    """RMSNorm, RoPE with the cache write, and decode attention as one C call each
+    (`kernels/ops_avx2.c`): at batch 1 a decode step is dozens of ops on a few hundred floats, so
     per-op dispatch, not arithmetic, sets its speed. Decode attention reads keys and values in place
     through the block table, with no gather and no padding. Inputs the kernels do not take (not
     float32 on the CPU, a width not a multiple of 8) go to the reference."""
 
     name = "cpu"
-    GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
-    GEMV_MAX_THREADED = 1 << 20  # with more than one thread, MKL takes weights past this many values
-
-    @classmethod
-    def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-        # decode-sized fp32 products go to the kernel (it checks the rest: layout, device, shapes)
-        if (x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS and type(weight) is torch.Tensor
-                and weight.dtype is torch.float32 and weight.stride() == (1, weight.shape[0]) and x.is_cpu
-                and (weight.numel() <= cls.GEMV_MAX_THREADED or torch.get_num_threads() == 1)):
-            return cpu_kernels.gemv_colmajor(x.contiguous(), weight)
-        return TorchOps.linear(x, weight)
 
     @staticmethod
     def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -196,17 +186,39 @@ class CpuOps(TorchOps):
         return super().decode_attention(q, k_cache, v_cache, block_tables, context_lens)
 
 
-BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps}
+class CpuGemvOps(CpuOps):
+    """`CpuOps` plus the fp32 decode GEMV in C (at most GEMV_MAX_ROWS rows; column-major weights, as
+    the engine stores them). It adds four scaled rows of W^T at a time into y, which stays in L1/L2.
+    It pays where the weights stay in cache and MKL's per-call cost dominates (the trained model:
+    1.2-2x over `sgemm` on its matrices); from DRAM MKL streams as fast or faster, so "auto" picks this
+    backend only for models whose fp32 linear weights fit in GEMV_MAX_MODEL_BYTES (chapter 3, §4)."""
+
+    name = "cpu-gemv"
+    GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+        # decode-sized fp32 products go to the kernel (it checks the rest: layout, device, shapes)
+        if (x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS and type(weight) is torch.Tensor
+                and weight.dtype is torch.float32 and weight.stride() == (1, weight.shape[0]) and x.is_cpu):
+            return cpu_kernels.gemv_colmajor(x.contiguous(), weight)
+        return TorchOps.linear(x, weight)
 
 
-def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[TorchOps]:
-    """The op set called `backend`; "auto" is "cpu" on a CPU where its kernels build and run, else
-    "torch". Raises ValueError listing the known backends, or if "cpu" is asked for where its kernels
-    cannot run (saying why)."""
+BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps, "cpu-gemv": CpuGemvOps}
+GEMV_MAX_MODEL_BYTES = 16 * 2**20  # half this machine class's 32 MiB L3 (measured: see CpuGemvOps)
+
+
+def get_ops(backend: str = "torch", device: torch.device | str = "cpu", fp32_linear_bytes: int = 0) -> type[TorchOps]:
+    """The op set called `backend`. "auto": on a CPU where the C kernels build and run, "cpu-gemv" if
+    the model's fp32 linear weights (`fp32_linear_bytes`) fit in GEMV_MAX_MODEL_BYTES, else "cpu";
+    elsewhere "torch". Raises ValueError listing the known backends, or if a C backend is asked for
+    where its kernels cannot run (saying why)."""
     if backend == "auto":
-        ok = torch.device(device).type == "cpu" and cpu_kernels.unavailable("ops_avx2") is None
-        return CpuOps if ok else TorchOps
-    if backend == "cpu" and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
+        if torch.device(device).type != "cpu" or cpu_kernels.unavailable("ops_avx2") is not None:
+            return TorchOps
+        return CpuGemvOps if 0 < fp32_linear_bytes <= GEMV_MAX_MODEL_BYTES else CpuOps
+    if backend.startswith("cpu") and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
         raise ValueError(f"backend 'cpu' cannot run here: {why}")
     try:
         return BACKENDS[backend]

@@ -48,35 +48,42 @@ void rmsnorm_f32(const float *x, const float *w, float *y, int64_t N, int64_t D,
     }
 }
 
-/* x (M, K), y (M, N); wt (K, N) row-major, i.e. W (N, K) stored column-major. Any N, K. */
-void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K) {
-    int64_t n8 = N - N % 8;
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = x + m * K;
-        float *ym = y + m * N;
-        memset(ym, 0, N * sizeof(float));
-        int64_t k = 0;
-        for (; k + 4 <= K; k += 4) {
-            const float *r0 = wt + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
-            __m256 x0 = _mm256_set1_ps(xm[k]), x1 = _mm256_set1_ps(xm[k + 1]);
-            __m256 x2 = _mm256_set1_ps(xm[k + 2]), x3 = _mm256_set1_ps(xm[k + 3]);
-            for (int64_t n = 0; n < n8; n += 8) {
-                _mm_prefetch((const char *)(r0 + n + 4 * N), _MM_HINT_T0);
-                _mm_prefetch((const char *)(r1 + n + 4 * N), _MM_HINT_T0);
-                _mm_prefetch((const char *)(r2 + n + 4 * N), _MM_HINT_T0);
-                _mm_prefetch((const char *)(r3 + n + 4 * N), _MM_HINT_T0);
-                __m256 acc = _mm256_loadu_ps(ym + n);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + n), x0, acc);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + n), x1, acc);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + n), x2, acc);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + n), x3, acc);
-                _mm256_storeu_ps(ym + n, acc);
-            }
-            for (int64_t n = n8; n < N; n++)
-                ym[n] += r0[n] * xm[k] + r1[n] * xm[k + 1] + r2[n] * xm[k + 2] + r3[n] * xm[k + 3];
+/* Columns [n0, n1) of y (N,) = x (K,) @ wt, wt (K, N) row-major. */
+static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    int64_t n8 = n0 + (n1 - n0) / 8 * 8;
+    memset(y + n0, 0, (n1 - n0) * sizeof(float));
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float *r0 = wt + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
+        __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
+        __m256 x2 = _mm256_set1_ps(x[k + 2]), x3 = _mm256_set1_ps(x[k + 3]);
+        for (int64_t n = n0; n < n8; n += 8) {
+            _mm_prefetch((const char *)(r0 + n + 4 * N), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r1 + n + 4 * N), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r2 + n + 4 * N), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r3 + n + 4 * N), _MM_HINT_T0);
+            __m256 acc = _mm256_loadu_ps(y + n);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + n), x0, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + n), x1, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + n), x2, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + n), x3, acc);
+            _mm256_storeu_ps(y + n, acc);
         }
-        for (; k < K; k++)
-            for (int64_t n = 0; n < N; n++) ym[n] += wt[k * N + n] * xm[k];
+        for (int64_t n = n8; n < n1; n++) y[n] += r0[n] * x[k] + r1[n] * x[k + 1] + r2[n] * x[k + 2] + r3[n] * x[k + 3];
+    }
+    for (; k < K; k++)
+        for (int64_t n = n0; n < n1; n++) y[n] += wt[k * N + n] * x[k];
+}
+
+/* x (M, K), y (M, N); wt (K, N) row-major, i.e. W (N, K) stored column-major. Any N, K. With
+ * n_threads > 1, OpenMP threads (torch's: see w8a16_avx2.c) take column blocks of 64. */
+void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
+                       int64_t n_threads) {
+    int64_t nblocks = (N + 63) / 64;
+    for (int64_t m = 0; m < M; m++) {
+        #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+        for (int64_t j = 0; j < nblocks; j++)
+            gemv_cols(x + m * K, wt, y + m * N, N, K, j * 64, j * 64 + 64 < N ? j * 64 + 64 : N);
     }
 }
 

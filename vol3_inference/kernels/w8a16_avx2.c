@@ -20,7 +20,7 @@
  * activation rows runs over a tile while it is still in cache.
  *
  * Plain C with intrinsics, compiled at first use by vol3_inference/cpu_kernels.py with
- * `cc -O3 -mavx2 -mfma`; called through ctypes. Requires K % 16 == 0 (the caller checks).
+ * `cc -O3 -mavx2 -mfma -fopenmp`; called through ctypes. Requires K % 16 == 0 (the caller checks).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -119,9 +119,16 @@ void w8a16_linear(const int16_t *xq, const float *sx, const int8_t *q, const flo
     }
 }
 
-/* Both steps in one call (one ctypes call per linear at batch 1): xq, sx are scratch of (M, K), (M,). */
+/* Both steps in one call: xq, sx are scratch of (M, K), (M,). With n_threads > 1 the output columns
+ * are split over OpenMP threads in tiles (the process has one OpenMP runtime: this library is loaded
+ * after torch, and its libgomp.so.1 is the one already in memory, so these are torch's threads). */
 void w8a16_linear_f32(const float *x, int16_t *xq, float *sx, const int8_t *q, const float *scale, float *y,
-                      int64_t M, int64_t N, int64_t K) {
+                      int64_t M, int64_t N, int64_t K, int64_t n_threads) {
     quantize_rows_i16(x, xq, sx, M, K);
-    w8a16_linear(xq, sx, q, scale, y, M, N, K, 0, N);
+    int64_t ntiles = (N + NTILE - 1) / NTILE;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t t = 0; t < ntiles; t++) {
+        int64_t a = t * NTILE, b = a + NTILE < N ? a + NTILE : N;
+        w8a16_linear(xq, sx, q, scale, y, M, N, K, a, b);
+    }
 }
