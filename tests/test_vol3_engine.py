@@ -15,7 +15,6 @@ import torch
 from shared.config import ModelConfig
 from vol2_torch.model import Transformer
 from vol3_inference import cpu_kernels
-from vol3_inference import ops as ops_module
 from vol3_inference.engine import Chunk, Engine, ModelWeights, gemv_layout, generate_naive
 from vol3_inference.kv_cache import OutOfBlocks
 from vol3_inference.ops import CpuGemvOps, CpuOps, TorchOps, get_ops
@@ -122,11 +121,10 @@ def test_forward_rejects_bad_work_without_changing_the_cache():
 
 def test_backend_switch():
     assert get_ops("torch") is TorchOps
-    small, big = ops_module.GEMV_MAX_MODEL_BYTES, ops_module.GEMV_MAX_MODEL_BYTES + 1
-    assert get_ops("auto", "cpu", small) is (CpuGemvOps if NO_CPU_KERNELS is None else TorchOps)
-    assert get_ops("auto", "cpu", big) is (CpuOps if NO_CPU_KERNELS is None else TorchOps)
-    assert get_ops("auto", "cpu", 0) is (CpuOps if NO_CPU_KERNELS is None else TorchOps)  # no fp32 weights
-    assert get_ops("auto", "meta", small) is TorchOps  # the C kernels are for the CPU only
+    assert get_ops("auto") is (CpuOps if NO_CPU_KERNELS is None else TorchOps)
+    assert get_ops("auto", "meta") is TorchOps  # the C kernels are for the CPU only
+    if NO_CPU_KERNELS is None:
+        assert get_ops("cpu-gemv") is CpuGemvOps
     with pytest.raises(ValueError, match="unknown backend 'cuda-magic'.*torch"):
         get_ops("cuda-magic")
 

@@ -48,3 +48,14 @@ def test_layout_probe_prints_and_cli_rejects_bad_flags(capsys):
     assert probes.main(["layout", "--presets", "nope", "--rounds", "1"]) == 2
     assert probes.main(["layout", "--rows", "0", "--rounds", "1"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_gemv_probe_prints_both_and_the_auto_choice(capsys):
+    from vol3_inference import cpu_kernels
+
+    assert probes.main(["gemv", "--presets", "tiny", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    if cpu_kernels.unavailable("ops_avx2") is None:
+        assert "tiny: 9 matrices" in out and "C GEMV" in out and "cpu-gemv" in out
+    else:
+        assert "cannot run here" in out

@@ -173,19 +173,26 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+def is_colmajor(w: torch.Tensor) -> bool:
+    """w (N, K) stored column-major, i.e. w.t() contiguous (strides of size-1 dims do not matter)."""
+    N, K = w.shape
+    return (N == 1 or w.stride(0) == 1) and (K == 1 or w.stride(1) == N)
+
+
 def gemv_colmajor(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight.T -> (M, N) for a float32 weight (N, K) stored column-major (weight.t() is
-    contiguous, as `engine.gemv_layout` stores it); x float32 contiguous on the CPU. Meant for a few
-    rows (decode): each row streams the whole weight. Raises ValueError for other inputs."""
+    """x (M, K) @ weight.T -> (M, N) for a float32 weight (N, K) stored column-major (strides (1, N),
+    as `engine.gemv_layout` stores it); x float32 contiguous on the CPU. Meant for a few rows
+    (decode): each row streams the whole weight. Raises ValueError for other inputs."""
     lib = _lib("ops_avx2")
     M, K = x.shape
     N = weight.shape[0]
-    wt = weight.t()
-    if weight.shape != (N, K) or not _f32_cpu(x, wt):
+    # (the fewest checks that rule out a bad read: this runs for every matrix of every decode step)
+    if (weight.shape[1] != K or not is_colmajor(weight) or weight.dtype is not torch.float32
+            or x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu or not weight.is_cpu):
         raise ValueError(f"gemv_colmajor takes contiguous float32 x (M, K) and a column-major float32 weight "
                          f"(N, K); got {tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.gemv_colmajor_f32(x.data_ptr(), wt.data_ptr(), y.data_ptr(), M, N, K, _threads_for(N * K))
+    lib.gemv_colmajor_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, _threads_for(N * K))
     return y
 
 

@@ -202,8 +202,7 @@ class Engine:
         c = weights.config
         self.weights, self.config, self.backend = weights, c, backend
         self.device = weights.device
-        fp32_bytes = weights.linear_bytes() if weights.dtype == torch.float32 else 0
-        self.ops = get_ops(backend, self.device, fp32_bytes)
+        self.ops = get_ops(backend, self.device)
         self.backend = self.ops.name
         n_blocks = n_blocks or 4 * -(-c.max_seq_len // block_size)
         self.cache = PagedKVCache(c, n_blocks, block_size, dtype=weights.dtype, device=self.device)

@@ -11,9 +11,8 @@ Backends. `get_ops("torch")` returns `TorchOps`. A faster backend subclasses `To
 the ops it accelerates, and registers itself in `BACKENDS`; everything it does not override (or an
 input it does not take) falls back to the reference, and tests run both backends on the same inputs
 and compare. `CpuOps` ("cpu") is the first: RMSNorm and paged decode attention as single C calls
-(`cpu_kernels.py`), for float32 on an x86 CPU with AVX2, and `CpuGemvOps` ("cpu-gemv") adds the
-fp32 decode GEMV for models small enough to stay in cache; Triton kernels for GPUs plug in the same
-way. The engine resolves its backend once, from a string ("auto": see `get_ops`), so configs stay
+(`cpu_kernels.py`), for float32 on an x86 CPU with AVX2; `CpuGemvOps` ("cpu-gemv", opt-in) adds a
+C fp32 decode GEMV, measured about even with MKL. Triton kernels for GPUs plug in the same way. The engine resolves its backend once, from a string ("auto": see `get_ops`), so configs stay
 serializable.
 
 Shape legend:
@@ -189,9 +188,9 @@ class CpuOps(TorchOps):
 class CpuGemvOps(CpuOps):
     """`CpuOps` plus the fp32 decode GEMV in C (at most GEMV_MAX_ROWS rows; column-major weights, as
     the engine stores them). It adds four scaled rows of W^T at a time into y, which stays in L1/L2.
-    It pays where the weights stay in cache and MKL's per-call cost dominates (the trained model:
-    1.2-2x over `sgemm` on its matrices); from DRAM MKL streams as fast or faster, so "auto" picks this
-    backend only for models whose fp32 linear weights fit in GEMV_MAX_MODEL_BYTES (chapter 3, §4)."""
+    Measured (`python -m vol3_inference.probes gemv`), it is about even with MKL's `sgemm` in a decode
+    step (0.95-1.10x on the trained model's size, 0.82-0.95x on seed512's, whose weights come from
+    DRAM), so it is opt-in (backend "cpu-gemv") and "auto" leaves the GEMV to MKL."""
 
     name = "cpu-gemv"
     GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
@@ -200,24 +199,21 @@ class CpuGemvOps(CpuOps):
     def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
         # decode-sized fp32 products go to the kernel (it checks the rest: layout, device, shapes)
         if (x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS and type(weight) is torch.Tensor
-                and weight.dtype is torch.float32 and weight.stride() == (1, weight.shape[0]) and x.is_cpu):
+                and weight.dtype is torch.float32 and x.is_cpu and cpu_kernels.is_colmajor(weight)):
             return cpu_kernels.gemv_colmajor(x.contiguous(), weight)
         return TorchOps.linear(x, weight)
 
 
 BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps, "cpu-gemv": CpuGemvOps}
-GEMV_MAX_MODEL_BYTES = 16 * 2**20  # half this machine class's 32 MiB L3 (measured: see CpuGemvOps)
 
 
-def get_ops(backend: str = "torch", device: torch.device | str = "cpu", fp32_linear_bytes: int = 0) -> type[TorchOps]:
-    """The op set called `backend`. "auto": on a CPU where the C kernels build and run, "cpu-gemv" if
-    the model's fp32 linear weights (`fp32_linear_bytes`) fit in GEMV_MAX_MODEL_BYTES, else "cpu";
-    elsewhere "torch". Raises ValueError listing the known backends, or if a C backend is asked for
-    where its kernels cannot run (saying why)."""
+def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[TorchOps]:
+    """The op set called `backend`. "auto": "cpu" on a CPU where the C kernels build and run, else
+    "torch". Raises ValueError listing the known backends, or if a C backend is asked for where its
+    kernels cannot run (saying why)."""
     if backend == "auto":
-        if torch.device(device).type != "cpu" or cpu_kernels.unavailable("ops_avx2") is not None:
-            return TorchOps
-        return CpuGemvOps if 0 < fp32_linear_bytes <= GEMV_MAX_MODEL_BYTES else CpuOps
+        ok = torch.device(device).type == "cpu" and cpu_kernels.unavailable("ops_avx2") is None
+        return CpuOps if ok else TorchOps
     if backend.startswith("cpu") and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
         raise ValueError(f"backend 'cpu' cannot run here: {why}")
     try:

@@ -1,12 +1,18 @@
-"""Two measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
+"""Three measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
 
     python -m vol3_inference.probes layout     # fp32 weights row-major vs column-major (engine.gemv_layout)
+    python -m vol3_inference.probes gemv       # the C fp32 decode GEMV vs MKL (ops.CpuGemvOps)
     python -m vol3_inference.probes compile    # torch.compile of the decode step, and of the small ops
 
 `layout` times the matrix-vector products of one decode step — every weight matrix of a model, cycled
 so that, as in a real step, each comes from DRAM rather than cache — with the weights stored as
 `nn.Linear` stores them (out, in) row-major, and column-major (`W.t()` contiguous), for several batch
 rows; then the engine's whole decode step with each layout, interleaved.
+
+`gemv` times the same cycled matrices, column-major, at one row with MKL (`F.linear`) and with the
+C kernel of the "cpu-gemv" backend (`cpu_kernels.gemv_colmajor`); then the engine's decode step on
+the "cpu" backend (MKL for the GEMV) and on "cpu-gemv", interleaved. The two came out about even,
+so `ops.get_ops("auto")` keeps MKL ("cpu").
 
 `compile` asks whether `torch.compile` pays for the decode step on this CPU: (1) the whole batch-1 step
 written with static shapes (the block table padded to max_seq_len, a mask instead of a cut, so one graph
@@ -76,10 +82,42 @@ def row_major(w: ModelWeights) -> ModelWeights:
     return ModelWeights(w.config, emb, layers, w.norm, out, w.dtype)
 
 
+def step_shapes(c) -> list[tuple[int, int]]:
+    """(out, in) of every weight matrix one decode token reads, in order (fused qkv and w13)."""
+    return [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), (c.dim, c.n_heads * c.head_dim),
+            (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim)] * c.n_layers + [(c.vocab_size, c.dim)]
+
+
+def probe_gemv(preset: str, rounds: int) -> None:
+    from vol3_inference import cpu_kernels
+
+    if (why := cpu_kernels.unavailable("ops_avx2")) is not None:
+        print(f"{preset}: the C kernels cannot run here ({why})")
+        return
+    c = get_preset(preset)
+    shapes = step_shapes(c)
+    cols = [torch.randn(o, i).t().contiguous().t() for o, i in shapes]  # column-major, as the engine keeps them
+    xs = {n: torch.randn(1, n) for n in {s[1] for s in shapes}}
+    mb = sum(w.numel() for w in cols) * 4 / 1e6
+
+    def run(fn):
+        for w in cols:
+            fn(xs[w.shape[1]], w)
+
+    t = _median_ms({"mkl": lambda: run(F.linear), "c": lambda: run(cpu_kernels.gemv_colmajor)}, rounds)
+    print(f"{preset}: {len(cols)} matrices, {mb:.1f} MB fp32 per token, 1 row: MKL {t['mkl']:.3f} ms, "
+          f"C GEMV {t['c']:.3f} ms ({t['mkl'] / t['c']:.2f}x)")
+    torch.manual_seed(0)
+    weights = ModelWeights.from_model(Transformer(c))
+    engines = {"cpu": Engine(weights, backend="cpu"), "cpu-gemv": Engine(weights, backend="cpu-gemv")}
+    med = decode_step_ms(engines, rounds * 4, min(c.max_seq_len, 200))
+    print(f"  engine decode step, batch 1: cpu (MKL GEMV) {med['cpu']:.3f} ms, cpu-gemv {med['cpu-gemv']:.3f} ms "
+          f"({med['cpu'] / med['cpu-gemv']:.2f}x)")
+
+
 def probe_layout(preset: str, rows: list[int], rounds: int) -> None:
     c = get_preset(preset)
-    shapes = [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), (c.dim, c.n_heads * c.head_dim),
-              (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim)] * c.n_layers + [(c.vocab_size, c.dim)]
+    shapes = step_shapes(c)
     W = [torch.randn(o, i) for o, i in shapes]
     cols = [w.t().contiguous().t() for w in W]
     mb = sum(w.numel() for w in W) * 4 / 1e6
@@ -197,8 +235,8 @@ def probe_compile(weights: ModelWeights, rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m vol3_inference.probes", description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["layout", "compile"], help="which measurement")
-    p.add_argument("--presets", default="seed512,cpu", help="layout: comma-separated presets")
+    p.add_argument("probe", choices=["layout", "gemv", "compile"], help="which measurement")
+    p.add_argument("--presets", default="seed512,cpu", help="layout, gemv: comma-separated presets")
     p.add_argument("--rows", default="1,4,16,64", help="layout: batch rows to time")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="compile: checkpoint (else random weights, cpu preset)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
@@ -208,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--rounds and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    if args.probe == "layout":
+    if args.probe in ("layout", "gemv"):
         try:
             rows = [int(r) for r in args.rows.split(",")]
             presets = [x.strip() for x in args.presets.split(",") if x.strip()]
@@ -219,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         if not rows or min(rows) < 1 or not presets:
             return fail("--rows takes positive integers and --presets at least one preset")
         for name in presets:
-            probe_layout(name, rows, args.rounds)
+            if args.probe == "layout":
+                probe_layout(name, rows, args.rounds)
+            else:
+                probe_gemv(name, args.rounds)
         return 0
     # A fresh inductor cache, so every run compiles from scratch: a step loaded from the on-disk cache
     # of an earlier run measured 0.56x eager here, against 1.1-1.2x for the same step freshly compiled.
