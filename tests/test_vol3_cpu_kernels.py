@@ -189,3 +189,22 @@ def test_gemv_threads_split_columns_exactly_and_share_torch_openmp():
     if maps.exists():  # one OpenMP runtime in the process: the kernels use torch's libgomp
         gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
         assert len(gomp) <= 1, gomp
+
+
+def test_without_a_compiler_the_engine_warns_and_runs_on_the_pytorch_ops(tmp_path, monkeypatch):
+    """A machine with no C compiler: the kernels cannot build, 'auto' says why and takes the reference."""
+    from vol3_inference import ops
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("VOL3_KERNEL_CACHE", str(tmp_path / "cache"))
+    cpu_kernels._load.cache_clear()
+    ops._warn_once.cache_clear()
+    try:
+        assert cpu_kernels.unavailable("ops_avx2") is not None
+        with pytest.warns(RuntimeWarning, match="C kernels cannot run here"):
+            assert ops.get_ops("auto") is TorchOps
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run here"):
+            ops.get_ops("cpu")
+    finally:
+        cpu_kernels._load.cache_clear()  # later tests load the real, cached libraries again
+        ops._warn_once.cache_clear()

@@ -455,10 +455,10 @@ def draw_chart(results: dict, path: Path) -> None:
             panels.append(("int8 routes vs fp32, decode tok/s", r["int8"]["tok_s"]))
         if "serving" in r:
             panels.append((f"serving tok/s ({r['serving']['requests']} requests)",
-                           {k.replace(" ", "\n"): r["serving"][k]["tok_s"]
+                           {k: r["serving"][k]["tok_s"]
                             for k in ("sequential", *BATCHED, "continuous int8")}))
         for ax, (title, vals) in zip(axes[row], panels, strict=False):
-            bars = ax.bar(list(vals), list(vals.values()),
+            bars = ax.bar([k.replace(", ", ",\n").replace(" ", "\n") for k in vals], list(vals.values()),
                           color=["#999", "#8c8", "#2a7", "#47c", "#c64"][:len(vals)])
             ax.bar_label(bars, fmt="%.0f")
             ax.tick_params(axis="x", labelsize=8)

@@ -23,6 +23,9 @@ Shape legend:
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -207,13 +210,23 @@ class CpuGemvOps(CpuOps):
 BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps, "cpu-gemv": CpuGemvOps}
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[TorchOps]:
     """The op set called `backend`. "auto": "cpu" on a CPU where the C kernels build and run, else
     "torch". Raises ValueError listing the known backends, or if a C backend is asked for where its
     kernels cannot run (saying why)."""
     if backend == "auto":
-        ok = torch.device(device).type == "cpu" and cpu_kernels.unavailable("ops_avx2") is None
-        return CpuOps if ok else TorchOps
+        if torch.device(device).type != "cpu":
+            return TorchOps
+        why = cpu_kernels.unavailable("ops_avx2")
+        if why is not None:
+            _warn_once(f"the engine's C kernels cannot run here ({why}); using the PyTorch ops")
+            return TorchOps
+        return CpuOps
     if backend.startswith("cpu") and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
         raise ValueError(f"backend 'cpu' cannot run here: {why}")
     try:
