@@ -264,11 +264,13 @@ class Engine:
         N = len(tokens)
         dev = self.device
         tok, pos, slot = torch.tensor([tokens, positions, slots], dtype=torch.long, device=dev)  # one upload
-        # Batched decode attention pads every sequence to the longest one in its call. Mixing short and
-        # long contexts (what continuous batching does) would waste up to half of that work, so the
-        # decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar lengths.
+        # The reference's batched decode attention pads every sequence to the longest one in its call.
+        # Mixing short and long contexts (what continuous batching does) would waste up to half of that
+        # work, so the decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar
+        # lengths. A backend that reads each sequence's own blocks in place (`pads_decode = False`,
+        # the C kernel) takes them all in one call.
         dec_groups = []  # (first row, end row, block tables (b, width), context lengths (b,))
-        n_groups = min(DECODE_GROUPS, -(-n_dec // DECODE_GROUP_MIN))
+        n_groups = min(DECODE_GROUPS if ops.pads_decode else 1, -(-n_dec // DECODE_GROUP_MIN))
         for g in range(n_groups):
             r0, r1 = g * n_dec // n_groups, (g + 1) * n_dec // n_groups
             tables = [mgr.tables[ch.seq] for ch in chunks[r0:r1]]

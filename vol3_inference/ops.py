@@ -37,6 +37,7 @@ class TorchOps:
     """Reference implementations. Each op is a static method so a subclass can replace any one."""
 
     name = "torch"
+    pads_decode = True  # decode_attention pads a batch to its longest context (the engine groups by length)
 
     @staticmethod
     def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,6 +166,7 @@ class CpuOps(TorchOps):
     float32 on the CPU, a width not a multiple of 8) go to the reference."""
 
     name = "cpu"
+    pads_decode = False  # each sequence's blocks are read in place: no padding, one call for all
 
     @staticmethod
     def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
