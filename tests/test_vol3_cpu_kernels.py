@@ -208,3 +208,46 @@ def test_without_a_compiler_the_engine_warns_and_runs_on_the_pytorch_ops(tmp_pat
     finally:
         cpu_kernels._load.cache_clear()  # later tests load the real, cached libraries again
         ops._warn_once.cache_clear()
+
+
+# --- inputs at the edges: each from a review of the first version -----------------------------------
+
+
+@no_ops
+def test_c_ops_take_what_the_reference_takes_or_refuse_without_reading():
+    g = torch.Generator().manual_seed(9)
+    B, H, Hkv, hd, bs, NB = 2, 4, 2, 8, 3, 6
+    kc, vc = torch.randn(NB, bs, Hkv, hd, generator=g), torch.randn(NB, bs, Hkv, hd, generator=g)
+    q = torch.randn(B, H, hd, generator=g)
+    wide = torch.tensor([[4, 1, 0, 9], [2, 3, 5, 9]])
+    lens = torch.tensor([5, 9])
+    ref = TorchOps.decode_attention(q, kc, vc, wide[:, :3], lens)
+    for tables, ls in [(wide[:, :3], lens), (wide[:, :3].int(), lens.int()), (wide[:, :3].contiguous(), lens[::1])]:
+        torch.testing.assert_close(CpuOps.decode_attention(q, kc, vc, tables, ls), ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="on the CPU"):  # a pointer that is not host memory never reaches C
+        cpu_kernels.paged_decode_attention(q, kc, vc, wide[:, :3], torch.tensor([3, 3], device="meta"))
+    x, w = torch.randn(3, 16, generator=g), torch.randn(32, generator=g)[::2]  # a strided weight
+    torch.testing.assert_close(CpuOps.rmsnorm(x, w, 1e-5), TorchOps.rmsnorm(x, w, 1e-5), atol=1e-6, rtol=1e-5)
+    table = torch.polar(torch.ones(10, hd // 2), torch.rand(10, hd // 2, generator=g))
+    qkv = torch.randn(2, (H + 2 * Hkv) * hd, generator=g)
+    with pytest.raises(ValueError, match="complex64 table"):  # a 1-D table would be read past its end
+        cpu_kernels.rope_qkv_cache(qkv, table[0], torch.tensor([0, 1]), torch.tensor([0, 1]), kc, vc, H, Hkv)
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    a = CpuOps.rope_qkv_cache(qkv, table, torch.tensor([0, 7]).int(), torch.tensor([2, 11]), k1, v1, H, Hkv)
+    b = TorchOps.rope_qkv_cache(qkv, table, torch.tensor([0, 7]), torch.tensor([2, 11]), k2, v2, H, Hkv)
+    for x1, x2 in zip([*a, k1, v1], [*b, k2, v2], strict=True):
+        torch.testing.assert_close(x1, x2, atol=1e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_w8a16_rows_with_nan_inf_or_tiny_values():
+    g = torch.Generator().manual_seed(2)
+    qw, _ = quantize_int8(torch.randn(8, 32, generator=g))
+    x = torch.randn(4, 32, generator=g)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2] *= 1e-30  # a tiny row still rounds to 15 bits (its scale is computed in double)
+    y = cpu_kernels.w8a16_linear(x, qw.q, qw.scale)
+    assert torch.isnan(y[0]).all() and torch.isnan(y[1]).all()  # poisoned, as the reference's would be
+    ref, bound = reference_and_bound(x[2:], qw.q, qw.scale)
+    assert torch.all((y[2:].double() - ref).abs() <= bound)

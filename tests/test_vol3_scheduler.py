@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from shared.config import ModelConfig
 from shared.tokenizer import Tokenizer
 from vol2_torch.model import Transformer
+from vol3_inference import cpu_kernels
 from vol3_inference.engine import Engine, ModelWeights
 from vol3_inference.sampling import SamplingParams
 from vol3_inference.scheduler import LLM, POLICIES, RequestError, Scheduler
@@ -177,3 +178,51 @@ def test_stream_and_stop_strings():
     out = llm.generate(["To be, or not"], SamplingParams(max_tokens=30, stop_token_ids=(stop_id,)))[0]
     assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
     assert out.text == tokenizer().decode(out.token_ids[:-1])
+
+
+def test_static_padded_releases_padding_when_a_prefill_needs_its_blocks():
+    """A finished request's padding row must not hold the blocks a mid-prefill request needs
+    (found in review: the batch stalled forever, planning only the padding row)."""
+    g = torch.Generator().manual_seed(4)
+    arrivals = [(0, [1, 2], params_for(0, 1, 0)),
+                (0, torch.randint(0, 300, (18,), generator=g).tolist(), params_for(0, 1, 0))]
+    done, sched = run_schedule(arrivals, n_blocks=5, block_size=4, max_batch=2, max_step_tokens=8,
+                               policy="static-padded")
+    for i, (_, prompt, params) in enumerate(arrivals):
+        assert done[i].token_ids == solo(tuple(prompt), params)
+    arrivals = [(0, torch.randint(0, 300, (p,), generator=g).tolist(), params_for(0, m, 0))
+                for p, m in [(19, 14), (20, 14), (2, 3), (7, 13)]]
+    done, _ = run_schedule(arrivals, n_blocks=12, block_size=4, max_batch=2, max_step_tokens=2,
+                           policy="static-padded")
+    for i, (_, prompt, params) in enumerate(arrivals):
+        assert done[i].token_ids == solo(tuple(prompt), params)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_float32_on_the_c_kernels_under_preemption_equals_solo(policy):
+    """The float64 tests above run the PyTorch ops (the C kernels take float32 only). Here the same
+    weights in float32 on the default backend ("cpu" where the C kernels run): a batch under block
+    pressure, so requests are preempted and re-prefilled, still gives each request its solo tokens
+    (greedy; with weights of std 0.3 the top logits are far apart, so summation order cannot flip them)."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    w32 = ModelWeights.from_model(model)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (12, 5, 17, 9, 14)]
+    params = SamplingParams(max_tokens=20)
+    engine = Engine(w32, n_blocks=14, block_size=4)
+    sched = Scheduler(engine, max_batch=4, max_step_tokens=16, policy=policy)
+    for i, p in enumerate(prompts):
+        sched.add_request(p, params, request_id=i)
+    done = {o.id: o for o in sched.run() if o.finished}
+    if policy == "continuous":
+        assert sched.n_preemptions > 0  # the cache holds about two of the five at full length
+    if cpu_kernels.unavailable("ops_avx2") is None:
+        assert engine.backend == "cpu"  # the C kernels really ran
+    for i, p in enumerate(prompts):
+        assert done[i].token_ids == Engine(w32, backend=engine.backend).generate(p, params), (policy, i)
+    engine.cache.manager.check()
+    assert engine.cache.manager.used_blocks == 0

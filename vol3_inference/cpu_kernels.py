@@ -137,7 +137,7 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     M, K = x.shape
     N = q.shape[0]
     if (x.dtype, q.dtype, scale.dtype) != (torch.float32, torch.int8, torch.float32) or q.shape[1] != K \
-            or K % 16 or x.device.type != "cpu" or q.device.type != "cpu" or scale.shape != (N,):
+            or K % 16 or not (x.is_cpu and q.is_cpu and scale.is_cpu) or scale.shape != (N,):
         raise ValueError(f"w8a16_linear takes x (M, K) float32, q (N, K) int8, scale (N,) float32 on the CPU "
                          f"with K % 16 == 0; got {tuple(x.shape)} {x.dtype}, {tuple(q.shape)} {q.dtype}, "
                          f"{tuple(scale.shape)} {scale.dtype}")
@@ -161,10 +161,18 @@ def _f32_cpu(*ts: torch.Tensor) -> bool:
     return True
 
 
+def _index(t: torch.Tensor, what: str) -> torch.Tensor:
+    """An index tensor as the kernels read it: int64, contiguous, on the CPU (a copy only if needed)."""
+    if not t.is_cpu or t.is_floating_point() or t.is_complex() or t.dtype is torch.bool:
+        raise ValueError(f"{what} must be an integer tensor on the CPU, got {t.dtype} on {t.device}")
+    return t.to(torch.long).contiguous()
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (N, D) / sqrt(mean(x^2) + eps) * weight (D,): float32, contiguous, on the CPU, D % 8 == 0.
+    """x (N, D) / sqrt(mean(x^2) + eps) * weight (D,): float32 on the CPU, D % 8 == 0.
     Returns (N, D). Raises KernelUnavailable / ValueError like `w8a16_linear`."""
     lib = _lib("ops_avx2")
+    x, weight = x.contiguous(), weight.contiguous()
     if x.dim() != 2 or weight.shape != x.shape[1:] or x.shape[1] % 8 or not _f32_cpu(x, weight):
         raise ValueError(f"rmsnorm takes contiguous float32 x (N, D), weight (D,) with D % 8 == 0; got "
                          f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
@@ -184,6 +192,8 @@ def gemv_colmajor(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     as `engine.gemv_layout` stores it); x float32 contiguous on the CPU. Meant for a few rows
     (decode): each row streams the whole weight. Raises ValueError for other inputs."""
     lib = _lib("ops_avx2")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"gemv_colmajor takes x (M, K) and weight (N, K), got {tuple(x.shape)}, {tuple(weight.shape)}")
     M, K = x.shape
     N = weight.shape[0]
     # (the fewest checks that rule out a bad read: this runs for every matrix of every decode step)
@@ -206,15 +216,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lengths reach outside the cache (the kernel checks before it reads).
     """
     lib = _lib("ops_avx2")
+    if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2:
+        raise ValueError(f"paged_decode_attention: q (B, H, hd), caches (NB, bs, Hkv, hd) and tables (B, W) "
+                         f"expected; got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}")
     B, H, hd = q.shape
     NB, bs, Hkv, hd_k = k_cache.shape
     W = block_tables.shape[1]
+    block_tables, context_lens = _index(block_tables, "block_tables"), _index(context_lens, "context_lens")
     if q.stride()[1:] != (hd, 1):  # sequences may be strided (rows of a wider buffer), heads not
         q = q.contiguous()
-    if (hd % 8 or hd_k != hd or H % Hkv or v_cache.shape != k_cache.shape or block_tables.shape[0] != B
-            or context_lens.shape != (B,) or not _f32_cpu(k_cache, v_cache) or q.dtype != torch.float32
-            or block_tables.dtype != torch.long or context_lens.dtype != torch.long
-            or not (block_tables.is_contiguous() and context_lens.is_contiguous())):
+    if (hd % 8 or hd_k != hd or Hkv < 1 or H % Hkv or v_cache.shape != k_cache.shape
+            or block_tables.shape[0] != B or context_lens.shape != (B,) or not _f32_cpu(k_cache, v_cache)
+            or q.dtype is not torch.float32 or not q.is_cpu):
         raise ValueError(f"paged_decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
                          f"cache {tuple(k_cache.shape)} {k_cache.dtype}, tables {tuple(block_tables.shape)}")
     out = torch.empty(B, H, hd, dtype=torch.float32)
@@ -238,13 +251,17 @@ def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tenso
     Raises ValueError for other shapes or dtypes, or a position or slot out of range.
     """
     lib = _lib("ops_avx2")
+    if qkv.dim() != 2 or k_cache.dim() != 4 or rope_table.dim() != 2 or rope_table.dtype is not torch.complex64:
+        raise ValueError(f"rope_qkv_cache: qkv (N, width), caches (NB, bs, Hkv, hd) and a complex64 table "
+                         f"(max_pos, hd/2) expected; got {tuple(qkv.shape)}, {tuple(k_cache.shape)}, "
+                         f"{tuple(rope_table.shape)} {rope_table.dtype}")
     N = qkv.shape[0]
     H, Hkv, hd = n_heads, n_kv_heads, k_cache.shape[-1]
-    table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2): cos, sin
-    if (qkv.dim() != 2 or qkv.shape[1] != (H + 2 * Hkv) * hd or k_cache.shape[2:] != (Hkv, hd)
+    table = torch.view_as_real(rope_table).contiguous()  # (max_pos, hd/2, 2): cos, sin
+    pos, slots = _index(pos, "pos"), _index(slots, "slots")
+    if (H < 1 or Hkv < 1 or qkv.shape[1] != (H + 2 * Hkv) * hd or k_cache.shape[2:] != (Hkv, hd)
             or v_cache.shape != k_cache.shape or table.shape[1] * 2 != hd or pos.shape != (N,)
-            or slots.shape != (N,) or pos.dtype != torch.long or slots.dtype != torch.long
-            or not _f32_cpu(qkv, table, k_cache, v_cache) or not (pos.is_contiguous() and slots.is_contiguous())):
+            or slots.shape != (N,) or not _f32_cpu(qkv, table, k_cache, v_cache)):
         raise ValueError(f"rope_qkv_cache: unsupported shapes or dtypes: qkv {tuple(qkv.shape)} {qkv.dtype}, "
                          f"cache {tuple(k_cache.shape)} {k_cache.dtype}, rope table {tuple(rope_table.shape)}")
     out = torch.empty_like(qkv)

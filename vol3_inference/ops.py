@@ -170,22 +170,25 @@ class CpuOps(TorchOps):
 
     @staticmethod
     def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if (x.dim() == 2 and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+        if (x.dim() == 2 and x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu
                 and x.shape[1] % 8 == 0 and x.is_contiguous()):
             return cpu_kernels.rmsnorm(x, weight, eps)
         return TorchOps.rmsnorm(x, weight, eps)
 
     @classmethod
     def rope_qkv_cache(cls, qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads):
-        if (qkv.dtype == k_cache.dtype == torch.float32 and qkv.device.type == "cpu" and qkv.is_contiguous()
-                and rope_table.dtype == torch.complex64 and k_cache.is_contiguous()):
+        if (qkv.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and qkv.is_cpu and qkv.is_contiguous()
+                and rope_table.dtype == torch.complex64 and rope_table.dim() == 2 and rope_table.is_cpu
+                and k_cache.is_cpu and k_cache.is_contiguous() and v_cache.is_cpu and v_cache.is_contiguous()):
             return cpu_kernels.rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
         return super().rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
 
     @classmethod
     def decode_attention(cls, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        if q.dtype == k_cache.dtype == torch.float32 and q.device.type == "cpu" and q.shape[-1] % 8 == 0:
+        if (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.is_cpu and q.shape[-1] % 8 == 0
+                and k_cache.is_cpu and k_cache.is_contiguous() and v_cache.is_cpu and v_cache.is_contiguous()
+                and block_tables.is_cpu and context_lens.is_cpu):
             return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
         return super().decode_attention(q, k_cache, v_cache, block_tables, context_lens)
 
@@ -204,7 +207,8 @@ class CpuGemvOps(CpuOps):
     def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
         # decode-sized fp32 products go to the kernel (it checks the rest: layout, device, shapes)
         if (x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS and type(weight) is torch.Tensor
-                and weight.dtype is torch.float32 and x.is_cpu and cpu_kernels.is_colmajor(weight)):
+                and weight.dim() == 2 and weight.dtype is torch.float32 and x.dtype is torch.float32
+                and x.is_cpu and weight.is_cpu and cpu_kernels.is_colmajor(weight)):
             return cpu_kernels.gemv_colmajor(x.contiguous(), weight)
         return TorchOps.linear(x, weight)
 

@@ -192,9 +192,7 @@ class Scheduler:
             need = sum(mgr.blocks_needed(r.id, 1) for r in decoding)
             if need > len(mgr.free):
                 if padding:  # padding changes no output: drop it before preempting anyone
-                    for r in padding:
-                        self.engine.release(r.id)
-                        self.running.remove(r)
+                    self._drop_padding()
                     continue
                 if len(self.running) == 1:  # alone and out of room: the cache is its context limit
                     r = self.running.pop()
@@ -207,12 +205,14 @@ class Scheduler:
             plan = [(r, 1, "decode") for r in decoding] + [(r, 1, "pad") for r in padding]
             budget, free = self.max_step_tokens - len(plan), len(mgr.free) - need
             # 2. continue chunked prefills, then admit waiting requests in arrival order
+            starved = False  # a prefill chunk that does not fit in the free blocks
             for r in self.running:
                 todo = r.n_tokens - r.n_cached
                 if todo > 1 and budget > 0 and not r.finished:
                     n = min(todo, budget)
                     b = mgr.blocks_needed(r.id, n)
                     if b > free:
+                        starved = True
                         break
                     plan.append((r, n, "prefill"))
                     budget, free = budget - n, free - b
@@ -228,10 +228,19 @@ class Scheduler:
                 self.running.append(r)
                 plan.append((r, n, "prefill"))
                 budget, free = budget - n, free - b
+            if padding and (starved or all(kind == "pad" for _, _, kind in plan)):
+                self._drop_padding()  # blocks held by padding are needed for real work
+                continue
             if plan or not self.running:
                 return plan
             # Running requests are stuck mid-prefill, each holding blocks the others need: make room.
             self._preempt(self.running[-1])
+
+    def _drop_padding(self) -> None:
+        """Release the padding rows of a static-padded batch (finished requests; no output changes)."""
+        for r in [r for r in self.running if r.finished]:
+            self.engine.release(r.id)
+            self.running.remove(r)
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that produced tokens or finished."""
@@ -246,7 +255,11 @@ class Scheduler:
                     chunks.append(Chunk(r.id, r.token_slice(r.n_cached - 1, r.n_cached), r.n_cached - 1))
                 else:
                     chunks.append(Chunk(r.id, r.token_slice(r.n_cached, r.n_cached + n), r.n_cached))
-            logits = self.engine.forward(chunks)
+            try:
+                logits = self.engine.forward(chunks)
+            except Exception:
+                self._drop_padding()  # a truncated padding row must not outlive a failed step
+                raise
             self.n_steps += 1
             now = time.perf_counter()
             if self.trace is not None:

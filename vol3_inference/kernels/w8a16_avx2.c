@@ -83,15 +83,27 @@ ROW_KERNEL(2)
 ROW_KERNEL(3)
 ROW_KERNEL(4)
 
-/* xq[m, :] = round(x[m, :] / sx[m]), sx[m] = max|x[m, :]| / 32767 (1 for an all-zero row). */
+/* xq[m, :] = round(x[m, :] / sx[m]), sx[m] = max|x[m, :]| / 32767 (1 for an all-zero row). A row with
+ * a NaN or an infinity gets sx = NaN, so its outputs are NaN rather than silently finite; the inverse
+ * scale is computed in double, so rows with tiny values (down to float's subnormals) still round. */
 void quantize_rows_i16(const float *x, int16_t *xq, float *sx, int64_t M, int64_t K) {
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * K;
         float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(r[k]));
-        float s = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / s;
-        sx[m] = s;
-        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(r[k] * inv);
+        int finite = 1;
+        for (int64_t k = 0; k < K; k++) {
+            float a = fabsf(r[k]);
+            if (!isfinite(a)) finite = 0;
+            else if (a > amax) amax = a;
+        }
+        if (!finite) {
+            sx[m] = NAN;
+            for (int64_t k = 0; k < K; k++) xq[m * K + k] = 0;
+            continue;
+        }
+        double inv = amax > 0.f ? 32767.0 / (double)amax : 1.0;
+        sx[m] = amax > 0.f ? (float)((double)amax / 32767.0) : 1.f;
+        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrint((double)r[k] * inv);
     }
 }
 
