@@ -13,8 +13,9 @@ tensors. Where one cannot be built or run (no C compiler, a CPU without AVX2, no
 `unavailable(name)` says why and its callers take their PyTorch route; nothing else changes.
 
 Matmuls of at least PARALLEL_MIN_WEIGHTS weights are split over `torch.get_num_threads()` OpenMP
-threads by output column. They are torch's own threads: the library asks for `libgomp.so.1`, and the
-dynamic linker hands it the copy torch has already loaded, so one thread pool serves both.
+threads by output column. They are torch's own threads: built with gcc, the library asks for
+`libgomp.so.1`, and the dynamic linker hands it the copy torch has already loaded, so one thread pool
+serves both (a test checks it on Linux; a clang build would bring its own libomp).
 """
 
 from __future__ import annotations
