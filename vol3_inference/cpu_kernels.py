@@ -164,6 +164,8 @@ def _f32_cpu(*ts: torch.Tensor) -> bool:
 
 def _index(t: torch.Tensor, what: str) -> torch.Tensor:
     """An index tensor as the kernels read it: int64, contiguous, on the CPU (a copy only if needed)."""
+    if t.dtype is torch.long and t.is_cpu and t.is_contiguous():  # the engine's own: nothing to do
+        return t
     if not t.is_cpu or t.is_floating_point() or t.is_complex() or t.dtype is torch.bool:
         raise ValueError(f"{what} must be an integer tensor on the CPU, got {t.dtype} on {t.device}")
     return t.to(torch.long).contiguous()
@@ -258,7 +260,7 @@ def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tenso
                          f"{tuple(rope_table.shape)} {rope_table.dtype}")
     N = qkv.shape[0]
     H, Hkv, hd = n_heads, n_kv_heads, k_cache.shape[-1]
-    table = torch.view_as_real(rope_table).contiguous()  # (max_pos, hd/2, 2): cos, sin
+    table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2): cos, sin; must be contiguous
     pos, slots = _index(pos, "pos"), _index(slots, "slots")
     if (H < 1 or Hkv < 1 or qkv.shape[1] != (H + 2 * Hkv) * hd or k_cache.shape[2:] != (Hkv, hd)
             or v_cache.shape != k_cache.shape or table.shape[1] * 2 != hd or pos.shape != (N,)
@@ -272,5 +274,4 @@ def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tenso
     if err:
         raise ValueError("rope_qkv_cache: " + ("a position is outside the RoPE table" if err == 1
                                                 else "a slot is outside the cache"))
-    heads = out.view(N, H + 2 * Hkv, hd)
-    return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]
+    return out.view(N, H + 2 * Hkv, hd).split_with_sizes([H, Hkv, Hkv], 1)  # one op for three views

@@ -206,6 +206,7 @@ class Engine:
         self.backend = self.ops.name
         n_blocks = n_blocks or 4 * -(-c.max_seq_len // block_size)
         self.cache = PagedKVCache(c, n_blocks, block_size, dtype=weights.dtype, device=self.device)
+        self._layer_caches = list(zip(self.cache.k.unbind(0), self.cache.v.unbind(0), strict=True))  # views, made once
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
         real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
         self.rope_freqs = torch.complex(cos.to(real), sin.to(real)).to(self.device)  # cos + i sin, (max_seq_len, hd/2)
@@ -288,7 +289,7 @@ class Engine:
             torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long, device=dev) - 1)
         x = self._embed(tok)  # (N, D)
         for li, L in enumerate(self.weights.layers):
-            kc, vc = self.cache.k[li], self.cache.v[li]  # (NB, bs, Hkv, hd)
+            kc, vc = self._layer_caches[li]  # (NB, bs, Hkv, hd) each
             h = ops.rmsnorm(x, L.attention_norm, c.norm_eps)
             qkv = ops.linear(h, L.wqkv)  # (N, (H + 2 Hkv) hd)
             q, k, v = ops.rope_qkv_cache(qkv, self.rope_freqs, pos, slot, kc, vc, H, Hkv)  # k, v now cached

@@ -179,6 +179,7 @@ class CpuOps(TorchOps):
     def rope_qkv_cache(cls, qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads):
         if (qkv.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and qkv.is_cpu and qkv.is_contiguous()
                 and rope_table.dtype == torch.complex64 and rope_table.dim() == 2 and rope_table.is_cpu
+                and rope_table.is_contiguous()
                 and k_cache.is_cpu and k_cache.is_contiguous() and v_cache.is_cpu and v_cache.is_contiguous()):
             return cpu_kernels.rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
         return super().rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
