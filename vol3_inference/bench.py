@@ -568,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="alternating runs of the batched policies; each keeps its fastest (trained)")
     p.add_argument("--seed512-serving-rounds", type=int, default=1,
                    help="--serving-rounds for seed512 (one by default: a round costs ~50 s there)")
-    p.add_argument("--sweep", default="8,32",
-                   help="more batch-slot counts at which the batched policies are rerun (trained); '' for none")
+    p.add_argument("--sweep", default="8",
+                   help="more batch-slot counts at which the batched policies are rerun (trained; e.g. 8,32); '' for none")
     p.add_argument("--seed512-sweep", default="",
                    help="--sweep for seed512 (none by default: each point costs ~45 s there)")
     p.add_argument("--seed512-max-output", type=int, default=128,
