@@ -192,7 +192,7 @@ class Scheduler:
             need = sum(mgr.blocks_needed(r.id, 1) for r in decoding)
             if need > len(mgr.free):
                 if padding:  # padding changes no output: drop it before preempting anyone
-                    self._drop_padding()
+                    self._release_finished()
                     continue
                 if len(self.running) == 1:  # alone and out of room: the cache is its context limit
                     r = self.running.pop()
@@ -229,18 +229,20 @@ class Scheduler:
                 plan.append((r, n, "prefill"))
                 budget, free = budget - n, free - b
             if padding and (starved or all(kind == "pad" for _, _, kind in plan)):
-                self._drop_padding()  # blocks held by padding are needed for real work
+                self._release_finished()  # blocks held by padding are needed for real work
                 continue
             if plan or not self.running:
                 return plan
             # Running requests are stuck mid-prefill, each holding blocks the others need: make room.
             self._preempt(self.running[-1])
 
-    def _drop_padding(self) -> None:
-        """Release the padding rows of a static-padded batch (finished requests; no output changes)."""
-        for r in [r for r in self.running if r.finished]:
-            self.engine.release(r.id)
-            self.running.remove(r)
+    def _release_finished(self) -> None:
+        """Free the blocks of every finished request still in the batch and drop it: at the end of a
+        step, or, under "static-padded", its padding rows early (they change no output)."""
+        for r in self.running:
+            if r.finished:
+                self.engine.release(r.id)
+        self.running = [r for r in self.running if not r.finished]
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that produced tokens or finished."""
@@ -258,7 +260,7 @@ class Scheduler:
             try:
                 logits = self.engine.forward(chunks)
             except Exception:
-                self._drop_padding()  # a truncated padding row must not outlive a failed step
+                self._release_finished()  # a truncated padding row must not outlive a failed step
                 raise
             self.n_steps += 1
             now = time.perf_counter()
@@ -277,10 +279,7 @@ class Scheduler:
                 self._check_stop(r, tok)
                 events[r.id] = r
         if self.policy != "static-padded" or all(r.finished for r in self.running):
-            for r in self.running:
-                if r.finished:
-                    self.engine.release(r.id)  # finished requests free their blocks at once
-            self.running = [r for r in self.running if not r.finished]
+            self._release_finished()  # finished requests free their blocks at once
         return [self._output(r) for r in events.values()]
 
     def _check_stop(self, r: Request, tok: int) -> None:
