@@ -14,7 +14,7 @@ from vol3_inference import cpu_kernels
 from vol3_inference.ops import CpuGemvOps, CpuOps, TorchOps
 from vol3_inference.quant import int8_linear, quantize_int8
 
-WHY = cpu_kernels.w8a16_unavailable()
+WHY = cpu_kernels.unavailable("w8a16_avx2")
 needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"w8a16 kernel unavailable here: {WHY}")
 
 
@@ -96,9 +96,9 @@ def test_route_falls_back_where_the_kernel_cannot_run():
 def test_build_is_cached_and_a_broken_source_says_why(tmp_path):
     if cpu_kernels.shutil.which("cc") is None and cpu_kernels.shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine")
-    lib = cpu_kernels._build(cpu_kernels.SOURCE, tmp_path)
+    lib = cpu_kernels._build(cpu_kernels.KERNELS / "w8a16_avx2.c", tmp_path)
     mtime = lib.stat().st_mtime_ns
-    assert cpu_kernels._build(cpu_kernels.SOURCE, tmp_path) == lib and lib.stat().st_mtime_ns == mtime
+    assert cpu_kernels._build(cpu_kernels.KERNELS / "w8a16_avx2.c", tmp_path) == lib and lib.stat().st_mtime_ns == mtime
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
     with pytest.raises(cpu_kernels.KernelUnavailable, match="failed to compile broken.c"):
@@ -198,7 +198,7 @@ def test_without_a_compiler_the_engine_warns_and_runs_on_the_pytorch_ops(tmp_pat
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("VOL3_KERNEL_CACHE", str(tmp_path / "cache"))
     cpu_kernels._load.cache_clear()
-    ops._warn_once.cache_clear()
+    cpu_kernels.warn_once.cache_clear()
     try:
         assert cpu_kernels.unavailable("ops_avx2") is not None
         with pytest.warns(RuntimeWarning, match="C kernels cannot run here"):
@@ -207,7 +207,7 @@ def test_without_a_compiler_the_engine_warns_and_runs_on_the_pytorch_ops(tmp_pat
             ops.get_ops("cpu")
     finally:
         cpu_kernels._load.cache_clear()  # later tests load the real, cached libraries again
-        ops._warn_once.cache_clear()
+        cpu_kernels.warn_once.cache_clear()
 
 
 # --- inputs at the edges: each from a review of the first version -----------------------------------

@@ -4,8 +4,9 @@ called through ctypes.
 Two small libraries in `kernels/`:
   * `w8a16_avx2.c`, the int8-weight matmul. PyTorch has none that is fast on an AVX2-only CPU with
     float32 activations (see `quant.py` and chapter 3, "int8 weights").
-  * `ops_avx2.c`, RMSNorm and paged decode attention as single calls: the "cpu" backend of
-    `ops.py`, which cuts the per-op dispatch cost that dominates a small model's decode step.
+  * `ops_avx2.c`, RMSNorm, RoPE with the cache write, and paged decode attention as single calls:
+    the "cpu" backend of `ops.py`, which cuts the per-op dispatch cost that dominates a small model's
+    decode step (and a fp32 decode GEMV for the opt-in "cpu-gemv" backend).
 
 This module compiles each once per source version with `cc -O3 -mavx2 -mfma` into a cache folder
 (`$VOL3_KERNEL_CACHE`, default `~/.cache/llama-from-scratch/kernels`), loads it, and wraps it for
@@ -28,17 +29,15 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCE = KERNELS / "w8a16_avx2.c"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # library -> {function: argument types}
-    "w8a16_avx2": {"quantize_rows_i16": [_P] * 3 + [_I] * 2,
-                   "w8a16_linear": [_P] * 5 + [_I] * 5,
-                   "w8a16_linear_f32": [_P] * 6 + [_I] * 4},
+    "w8a16_avx2": {"w8a16_linear_f32": [_P] * 6 + [_I] * 4},
     "ops_avx2": {"rmsnorm_f32": [_P] * 3 + [_I] * 2 + [_F],
                  "gemv_colmajor_f32": [_P] * 3 + [_I] * 4,
                  "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
@@ -118,9 +117,10 @@ def _lib(name: str) -> ctypes.CDLL:
     return lib
 
 
-def w8a16_unavailable() -> str | None:
-    """None if the w8a16 kernel is usable here, else why not."""
-    return unavailable("w8a16_avx2")
+@functools.cache
+def warn_once(message: str) -> None:
+    """A RuntimeWarning, once per distinct message (a missing kernel is said once, not per call)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _threads_for(n_weights: int) -> int:
@@ -151,7 +151,13 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return y
 
 
-# --- the "cpu" ops backend --------------------------------------------------------------------------
+# --- the "cpu" ops backend ---------------------------------------------------------------------------
+#
+# Each op has a `*_problem(...)` check, which says why the kernel cannot take some inputs (None when it
+# can), and the op itself. `ops.CpuOps` asks the check to choose between the kernel and the PyTorch
+# reference, then calls the op with `checked=True`, so on the hot path the inputs are checked once and
+# the fallback boundary is exactly what the kernel accepts. Called directly, an op runs its check and
+# raises ValueError with the reason.
 
 
 def _f32_cpu(*ts: torch.Tensor) -> bool:
@@ -162,23 +168,41 @@ def _f32_cpu(*ts: torch.Tensor) -> bool:
     return True
 
 
-def _index(t: torch.Tensor, what: str) -> torch.Tensor:
-    """An index tensor as the kernels read it: int64, contiguous, on the CPU (a copy only if needed)."""
-    if t.dtype is torch.long and t.is_cpu and t.is_contiguous():  # the engine's own: nothing to do
+def _int_cpu(*ts: torch.Tensor) -> bool:
+    """Every tensor an integer tensor on the CPU (index tensors; `_index` makes them int64 contiguous)."""
+    for t in ts:
+        if not t.is_cpu or t.is_floating_point() or t.is_complex() or t.dtype is torch.bool:
+            return False
+    return True
+
+
+def _index(t: torch.Tensor) -> torch.Tensor:
+    """An index tensor as the kernels read it: int64, contiguous (a copy only if needed)."""
+    if t.dtype is torch.long and t.is_contiguous():  # the engine's own: nothing to do
         return t
-    if not t.is_cpu or t.is_floating_point() or t.is_complex() or t.dtype is torch.bool:
-        raise ValueError(f"{what} must be an integer tensor on the CPU, got {t.dtype} on {t.device}")
     return t.to(torch.long).contiguous()
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (N, D) / sqrt(mean(x^2) + eps) * weight (D,): float32 on the CPU, D % 8 == 0.
-    Returns (N, D). Raises KernelUnavailable / ValueError like `w8a16_linear`."""
+def _fail(op: str, why: str | None) -> None:
+    if why is not None:
+        raise ValueError(f"{op}: {why}")
+
+
+def rmsnorm_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    if x.dim() != 2 or weight.dim() != 1 or weight.shape[0] != x.shape[1]:
+        return f"x (N, D) and weight (D,) expected, got {tuple(x.shape)}, {tuple(weight.shape)}"
+    if x.shape[1] % 8 or not _f32_cpu(x) or weight.dtype is not torch.float32 or not weight.is_cpu:
+        return "float32 on the CPU, x contiguous, D % 8 == 0 expected"
+    return None
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = False) -> torch.Tensor:
+    """x (N, D) / sqrt(mean(x^2) + eps) * weight (D,): float32 on the CPU, x contiguous, D % 8 == 0.
+    Returns (N, D). Raises KernelUnavailable, or ValueError saying what it cannot take."""
     lib = _lib("ops_avx2")
-    x, weight = x.contiguous(), weight.contiguous()
-    if x.dim() != 2 or weight.shape != x.shape[1:] or x.shape[1] % 8 or not _f32_cpu(x, weight):
-        raise ValueError(f"rmsnorm takes contiguous float32 x (N, D), weight (D,) with D % 8 == 0; got "
-                         f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
+    if not checked:
+        _fail("rmsnorm", rmsnorm_problem(x, weight))
+    weight = weight.contiguous()
     y = torch.empty_like(x)
     lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
     return y
@@ -190,88 +214,106 @@ def is_colmajor(w: torch.Tensor) -> bool:
     return (N == 1 or w.stride(0) == 1) and (K == 1 or w.stride(1) == N)
 
 
-def gemv_colmajor(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def gemv_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    if type(weight) is not torch.Tensor or x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        return "x (M, K) and a column-major weight tensor (N, K) of the same K expected"
+    if (not _f32_cpu(x) or weight.dtype is not torch.float32 or not weight.is_cpu
+            or not is_colmajor(weight)):
+        return "contiguous float32 x and a column-major float32 weight on the CPU expected"
+    return None
+
+
+def gemv_colmajor(x: torch.Tensor, weight: torch.Tensor, checked: bool = False) -> torch.Tensor:
     """x (M, K) @ weight.T -> (M, N) for a float32 weight (N, K) stored column-major (strides (1, N),
     as `engine.gemv_layout` stores it); x float32 contiguous on the CPU. Meant for a few rows
     (decode): each row streams the whole weight. Raises ValueError for other inputs."""
     lib = _lib("ops_avx2")
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"gemv_colmajor takes x (M, K) and weight (N, K), got {tuple(x.shape)}, {tuple(weight.shape)}")
-    M, K = x.shape
-    N = weight.shape[0]
-    # (the fewest checks that rule out a bad read: this runs for every matrix of every decode step)
-    if (weight.shape[1] != K or not is_colmajor(weight) or weight.dtype is not torch.float32
-            or x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu or not weight.is_cpu):
-        raise ValueError(f"gemv_colmajor takes contiguous float32 x (M, K) and a column-major float32 weight "
-                         f"(N, K); got {tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
+    if not checked:
+        _fail("gemv_colmajor", gemv_problem(x, weight))
+    (M, K), N = x.shape, weight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     lib.gemv_colmajor_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, _threads_for(N * K))
     return y
 
 
+def attention_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor) -> str | None:
+    if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2 or v_cache.shape != k_cache.shape:
+        return "q (B, H, hd), caches (NB, bs, Hkv, hd) and tables (B, W) expected"
+    (B, H, hd), Hkv = q.shape, k_cache.shape[2]
+    if hd % 8 or k_cache.shape[3] != hd or H % Hkv or block_tables.shape[0] != B or context_lens.shape != (B,):
+        return "shapes that do not match (hd % 8 == 0 and H % Hkv == 0 are needed)"
+    if (q.dtype is not torch.float32 or not q.is_cpu or not _f32_cpu(k_cache, v_cache)
+            or not _int_cpu(block_tables, context_lens)):
+        return "float32 q and contiguous caches, integer tables and lengths, all on the CPU, expected"
+    return None
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           checked: bool = False) -> torch.Tensor:
     """Decode attention read in place from the paged cache (see `ops.TorchOps.decode_attention`).
 
     q: (B, H, hd) float32; k_cache, v_cache: (NB, bs, Hkv, hd) float32, contiguous; block_tables:
-    (B, W) int64; context_lens: (B,) int64. hd % 8 == 0, H % Hkv == 0. Returns (B, H, hd) float32.
-    Raises ValueError for other shapes or dtypes, a length outside [1, W * bs], or a block id the
-    lengths reach outside the cache (the kernel checks before it reads).
+    (B, W) and context_lens (B,) integer; all on the CPU. hd % 8 == 0, H % Hkv == 0. Returns
+    (B, H, hd) float32. Raises ValueError for other inputs, a length outside [1, W * bs], or a block
+    id the lengths reach outside the cache (the kernel checks before it reads).
     """
     lib = _lib("ops_avx2")
-    if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2:
-        raise ValueError(f"paged_decode_attention: q (B, H, hd), caches (NB, bs, Hkv, hd) and tables (B, W) "
-                         f"expected; got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}")
+    if not checked:
+        _fail("paged_decode_attention", attention_problem(q, k_cache, v_cache, block_tables, context_lens))
     B, H, hd = q.shape
-    NB, bs, Hkv, hd_k = k_cache.shape
+    NB, bs, Hkv, _ = k_cache.shape
     W = block_tables.shape[1]
-    block_tables, context_lens = _index(block_tables, "block_tables"), _index(context_lens, "context_lens")
+    block_tables, context_lens = _index(block_tables), _index(context_lens)
     if q.stride()[1:] != (hd, 1):  # sequences may be strided (rows of a wider buffer), heads not
         q = q.contiguous()
-    if (hd % 8 or hd_k != hd or Hkv < 1 or H % Hkv or v_cache.shape != k_cache.shape
-            or block_tables.shape[0] != B or context_lens.shape != (B,) or not _f32_cpu(k_cache, v_cache)
-            or q.dtype is not torch.float32 or not q.is_cpu):
-        raise ValueError(f"paged_decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
-                         f"cache {tuple(k_cache.shape)} {k_cache.dtype}, tables {tuple(block_tables.shape)}")
     out = torch.empty(B, H, hd, dtype=torch.float32)
     scores = torch.empty(W * bs, dtype=torch.float32)
     err = lib.paged_decode_attention_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                          block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
                                          scores.data_ptr(), B, H, Hkv, hd, bs, W, NB, q.stride(0), hd ** -0.5)
-    if err:
-        raise ValueError("paged_decode_attention: " + ("a context length is outside [1, blocks * block_size]"
-                                                       if err == 1 else "a block id is outside the cache"))
+    _fail("paged_decode_attention", {0: None, 1: "a context length is outside [1, blocks * block_size]"}.get(
+        err, "a block id is outside the cache"))
     return out
 
 
+def rope_problem(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int) -> str | None:
+    if (qkv.dim() != 2 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or rope_table.dim() != 2
+            or rope_table.dtype is not torch.complex64):
+        return "qkv (N, width), caches (NB, bs, Hkv, hd) and a complex64 table (max_pos, hd/2) expected"
+    N, hd = qkv.shape[0], k_cache.shape[3]
+    if (n_heads < 1 or n_kv_heads < 1 or qkv.shape[1] != (n_heads + 2 * n_kv_heads) * hd
+            or k_cache.shape[2] != n_kv_heads or rope_table.shape[1] * 2 != hd
+            or pos.shape != (N,) or slots.shape != (N,)):
+        return "shapes that do not match"
+    if (not _f32_cpu(qkv, k_cache, v_cache) or not rope_table.is_cpu or not rope_table.is_contiguous()
+            or not _int_cpu(pos, slots)):
+        return "contiguous float32 qkv and caches, a contiguous table, integer positions and slots, all on the CPU, expected"
+    return None
+
+
 def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int):
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
+                   checked: bool = False):
     """Rotate q and k of the fused qkv rows by RoPE and store k, v in the cache, in one call.
 
     qkv: (N, (H + 2 Hkv) hd) float32, contiguous; rope_table: (max_pos, hd/2) complex64 (cos + i sin);
-    pos, slots: (N,) int64; k_cache, v_cache: (NB, bs, Hkv, hd) float32, contiguous.
+    pos, slots: (N,) integer; k_cache, v_cache: (NB, bs, Hkv, hd) float32, contiguous; all on the CPU.
     Returns q (N, H, hd), k, v (N, Hkv, hd): views of one new buffer, k rotated.
-    Raises ValueError for other shapes or dtypes, or a position or slot out of range.
+    Raises ValueError for other inputs, or a position or slot out of range.
     """
     lib = _lib("ops_avx2")
-    if qkv.dim() != 2 or k_cache.dim() != 4 or rope_table.dim() != 2 or rope_table.dtype is not torch.complex64:
-        raise ValueError(f"rope_qkv_cache: qkv (N, width), caches (NB, bs, Hkv, hd) and a complex64 table "
-                         f"(max_pos, hd/2) expected; got {tuple(qkv.shape)}, {tuple(k_cache.shape)}, "
-                         f"{tuple(rope_table.shape)} {rope_table.dtype}")
+    if not checked:
+        _fail("rope_qkv_cache", rope_problem(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads))
     N = qkv.shape[0]
     H, Hkv, hd = n_heads, n_kv_heads, k_cache.shape[-1]
-    table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2): cos, sin; must be contiguous
-    pos, slots = _index(pos, "pos"), _index(slots, "slots")
-    if (H < 1 or Hkv < 1 or qkv.shape[1] != (H + 2 * Hkv) * hd or k_cache.shape[2:] != (Hkv, hd)
-            or v_cache.shape != k_cache.shape or table.shape[1] * 2 != hd or pos.shape != (N,)
-            or slots.shape != (N,) or not _f32_cpu(qkv, table, k_cache, v_cache)):
-        raise ValueError(f"rope_qkv_cache: unsupported shapes or dtypes: qkv {tuple(qkv.shape)} {qkv.dtype}, "
-                         f"cache {tuple(k_cache.shape)} {k_cache.dtype}, rope table {tuple(rope_table.shape)}")
+    table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2): cos, sin
+    pos, slots = _index(pos), _index(slots)
     out = torch.empty_like(qkv)
     err = lib.rope_qkv_cache_f32(qkv.data_ptr(), out.data_ptr(), table.data_ptr(), pos.data_ptr(), slots.data_ptr(),
                                  k_cache.data_ptr(), v_cache.data_ptr(), N, H, Hkv, hd, table.shape[0],
                                  k_cache.shape[0] * k_cache.shape[1])
-    if err:
-        raise ValueError("rope_qkv_cache: " + ("a position is outside the RoPE table" if err == 1
-                                                else "a slot is outside the cache"))
+    _fail("rope_qkv_cache", {0: None, 1: "a position is outside the RoPE table"}.get(err, "a slot is outside the cache"))
     return out.view(N, H + 2 * Hkv, hd).split_with_sizes([H, Hkv, Hkv], 1)  # one op for three views

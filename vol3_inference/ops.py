@@ -23,9 +23,6 @@ Shape legend:
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 import torch.nn.functional as F
 
@@ -168,30 +165,30 @@ class CpuOps(TorchOps):
     name = "cpu"
     pads_decode = False  # each sequence's blocks are read in place: no padding, one call for all
 
+    # Each op asks the kernel's own check (`cpu_kernels.*_problem`) whether it takes these inputs, then
+    # runs it unchecked; anything else goes to the reference. One check per call, and the fallback
+    # boundary cannot drift from what the kernel accepts.
+
     @staticmethod
     def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if (x.dim() == 2 and x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu
-                and x.shape[1] % 8 == 0 and x.is_contiguous()):
-            return cpu_kernels.rmsnorm(x, weight, eps)
+        if cpu_kernels.rmsnorm_problem(x, weight) is None:
+            return cpu_kernels.rmsnorm(x, weight, eps, checked=True)
         return TorchOps.rmsnorm(x, weight, eps)
 
     @classmethod
     def rope_qkv_cache(cls, qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads):
-        if (qkv.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and qkv.is_cpu and qkv.is_contiguous()
-                and rope_table.dtype == torch.complex64 and rope_table.dim() == 2 and rope_table.is_cpu
-                and rope_table.is_contiguous()
-                and k_cache.is_cpu and k_cache.is_contiguous() and v_cache.is_cpu and v_cache.is_contiguous()):
-            return cpu_kernels.rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
-        return super().rope_qkv_cache(qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
+        args = (qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
+        if cpu_kernels.rope_problem(*args) is None:
+            return cpu_kernels.rope_qkv_cache(*args, checked=True)
+        return super().rope_qkv_cache(*args)
 
     @classmethod
     def decode_attention(cls, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        if (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.is_cpu and q.shape[-1] % 8 == 0
-                and k_cache.is_cpu and k_cache.is_contiguous() and v_cache.is_cpu and v_cache.is_contiguous()
-                and block_tables.is_cpu and context_lens.is_cpu):
-            return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
-        return super().decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+        args = (q, k_cache, v_cache, block_tables, context_lens)
+        if cpu_kernels.attention_problem(*args) is None:
+            return cpu_kernels.paged_decode_attention(*args, checked=True)
+        return super().decode_attention(*args)
 
 
 class CpuGemvOps(CpuOps):
@@ -206,20 +203,14 @@ class CpuGemvOps(CpuOps):
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-        # decode-sized fp32 products go to the kernel (it checks the rest: layout, device, shapes)
-        if (x.dim() == 2 and x.shape[0] <= cls.GEMV_MAX_ROWS and type(weight) is torch.Tensor
-                and weight.dim() == 2 and weight.dtype is torch.float32 and x.dtype is torch.float32
-                and x.is_cpu and weight.is_cpu and cpu_kernels.is_colmajor(weight)):
-            return cpu_kernels.gemv_colmajor(x.contiguous(), weight)
+        # decode-sized products the kernel takes (float32, column-major weights) go to it
+        if x.shape[0] <= cls.GEMV_MAX_ROWS and cpu_kernels.gemv_problem(x, weight) is None:
+            return cpu_kernels.gemv_colmajor(x, weight, checked=True)
         return TorchOps.linear(x, weight)
 
 
 BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps, "cpu-gemv": CpuGemvOps}
 
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[TorchOps]:
@@ -231,7 +222,7 @@ def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[
             return TorchOps
         why = cpu_kernels.unavailable("ops_avx2")
         if why is not None:
-            _warn_once(f"the engine's C kernels cannot run here ({why}); using the PyTorch ops")
+            cpu_kernels.warn_once(f"the engine's C kernels cannot run here ({why}); using the PyTorch ops")
             return TorchOps
         return CpuOps
     if backend.startswith("cpu") and (why := cpu_kernels.unavailable("ops_avx2")) is not None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import statistics
 import sys
 import time
@@ -110,17 +109,12 @@ def _int8pack_bf16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 def _w8a16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu" or w.q.shape[1] % 16:
         return _int8pack_bf16(x, w)
-    why = cpu_kernels.w8a16_unavailable()
+    why = cpu_kernels.unavailable("w8a16_avx2")
     if why is not None:
-        _warn_once(f"int8 route 'w8a16' unavailable ({why}); using 'int8pack_bf16'")
+        cpu_kernels.warn_once(f"int8 route 'w8a16' unavailable ({why}); using 'int8pack_bf16'")
         return _int8pack_bf16(x, w)
     shape = x.shape
     return cpu_kernels.w8a16_linear(x.reshape(-1, shape[-1]), w.q, w.scale).view(*shape[:-1], -1)
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _w8a8_dynamic(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
