@@ -200,7 +200,7 @@ class Engine:
     def __init__(self, weights: ModelWeights, n_blocks: int | None = None, block_size: int = 16,
                  backend: str = "auto"):
         c = weights.config
-        self.weights, self.config, self.backend = weights, c, backend
+        self.weights, self.config = weights, c
         self.device = weights.device
         self.ops = get_ops(backend, self.device)
         self.backend = self.ops.name
