@@ -195,8 +195,8 @@ class CpuGemvOps(CpuOps):
     """`CpuOps` plus the fp32 decode GEMV in C (at most GEMV_MAX_ROWS rows; column-major weights, as
     the engine stores them). It adds four scaled rows of W^T at a time into y, which stays in L1/L2.
     Measured (`python -m vol3_inference.probes gemv`), it is about even with MKL's `sgemm` in a decode
-    step (0.95-1.10x on the trained model's size, 0.82-0.95x on seed512's, whose weights come from
-    DRAM), so it is opt-in (backend "cpu-gemv") and "auto" leaves the GEMV to MKL."""
+    step (0.97-1.01x on the trained model's size and on seed512's, whose weights come from DRAM,
+    over two runs of the probe), so it is opt-in (backend "cpu-gemv") and "auto" leaves the GEMV to MKL."""
 
     name = "cpu-gemv"
     GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
