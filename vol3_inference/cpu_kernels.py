@@ -41,10 +41,13 @@ SIGNATURES = {  # library -> {function: argument types}
     "ops_avx2": {"rmsnorm_f32": [_P] * 3 + [_I] * 2 + [_F],
                  "gemv_colmajor_f32": [_P] * 3 + [_I] * 4,
                  "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
-                 "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F]},
+                 "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F],
+                 "matmul_packed_f32": [_P] * 3 + [_I] * 5,
+                 "decode_step_f32": [_P] * 7 + [_I] * 3},
 }
+LINKED = {"ops_avx2": ("w8a16_avx2.c",)}  # other sources built into a library (the fused step's int8 matmul)
 RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes; the others return nothing
-            "rope_qkv_cache_f32": ctypes.c_int64}
+            "rope_qkv_cache_f32": ctypes.c_int64, "decode_step_f32": ctypes.c_int64}
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # Split a matmul over torch's threads from this many weights: below it, waking a second thread costs
 # more than it saves (measured on seed512's and the trained model's matrices at batch 1).
@@ -59,13 +62,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VOL3_KERNEL_CACHE") or Path.home() / ".cache" / "llama-from-scratch" / "kernels")
 
 
-def _build(source: Path, out_dir: Path) -> Path:
-    """Compile `source` to a shared library in out_dir (atomically; reused while the source and flags
-    are unchanged). Raises KernelUnavailable if there is no compiler or it fails."""
+def _build(source: Path, out_dir: Path, extra: tuple[Path, ...] = ()) -> Path:
+    """Compile `source` (and the `extra` sources linked with it) to a shared library in out_dir
+    (atomically; reused while the sources and flags are unchanged). Raises KernelUnavailable if there
+    is no compiler or it fails."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
-    text = source.read_bytes()
+    text = b"".join(p.read_bytes() for p in (source, *extra))
     key = hashlib.sha256(text + " ".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
     lib = out_dir / f"{source.stem}-{key}.so"
     if lib.is_file():
@@ -74,7 +78,8 @@ def _build(source: Path, out_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out_dir)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(source), *map(str, extra), "-lm"],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise KernelUnavailable(f"{cc} failed to compile {source.name}: {last}")
@@ -94,7 +99,7 @@ def _load(name: str) -> ctypes.CDLL | str:
     if not cap.startswith("AVX"):  # "AVX2", "AVX512"; "DEFAULT" means no AVX2
         return f"this CPU has no AVX2 (torch reports CPU capability {cap})"
     try:
-        lib = ctypes.CDLL(str(_build(KERNELS / f"{name}.c", cache_dir())))
+        lib = ctypes.CDLL(str(_build(KERNELS / f"{name}.c", cache_dir(), tuple(KERNELS / f for f in LINKED.get(name, ())))))
     except (KernelUnavailable, OSError) as e:
         return str(e)
     for fn, argtypes in SIGNATURES[name].items():
@@ -317,3 +322,150 @@ def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tenso
                                  k_cache.shape[0] * k_cache.shape[1])
     _fail("rope_qkv_cache", {0: None, 1: "a position is outside the RoPE table"}.get(err, "a slot is outside the cache"))
     return out.view(N, H + 2 * Hkv, hd).split_with_sizes([H, Hkv, Hkv], 1)  # one op for three views
+
+
+# --- the whole decode step ---------------------------------------------------------------------------
+
+
+class _DecodeModel(ctypes.Structure):
+    """`DecodeModel` in kernels/ops_avx2.c (field for field)."""
+
+    _fields_ = [*((n, _I) for n in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab",
+                                   "block_size", "n_blocks", "max_pos")),
+                ("tok_embeddings", _P), ("emb_scale", _P), ("emb_stride_tok", _I), ("emb_stride_dim", _I),
+                ("layers", _P), ("norm", _P), ("output", _P), ("output_scale", _P), ("rope", _P),
+                ("parallel_min", _I), ("eps", _F)]
+
+
+DECODE_STEP_ERRORS = {1: "a position is outside the RoPE table", 2: "a slot is outside the cache",
+                      3: "a context length is outside [1, blocks * block_size]", 4: "a block id is outside the cache",
+                      5: "a token id is outside the vocabulary", 6: "out of memory for the step's activations"}
+
+
+def _is_int8(w) -> bool:
+    return type(w) is not torch.Tensor and hasattr(w, "q") and hasattr(w, "scale")  # quant.Int8Weight
+
+
+def decode_step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor) -> str | None:
+    """Why `FusedDecode` cannot run these (None if it can). weights: an `engine.ModelWeights`, float32
+    or with int8 matrices (`quant.Int8Weight`, taken by the w8a16 kernel: in_features % 16 == 0);
+    k_cache, v_cache: (n_layers, NB, bs, Hkv, hd); rope_table: (max_pos, hd/2) complex64."""
+    c = weights.config
+    mats = [m for L in weights.layers for m in (L.wqkv, L.wo, L.w13, L.w2)] + [weights.output]
+    for m in mats + [weights.tok_embeddings]:
+        if _is_int8(m):
+            if (m.q.dtype is not torch.int8 or m.scale.dtype is not torch.float32 or not m.q.is_cpu
+                    or not m.scale.is_cpu or m.q.shape[1] % 16):
+                return "int8 weights must be int8 (N, K) with float32 scales on the CPU, K % 16 == 0"
+        elif type(m) is not torch.Tensor or m.dtype is not torch.float32 or not m.is_cpu or m.dim() != 2:
+            return "the fused step takes float32 or int8 weight matrices on the CPU"
+    norms = [weights.norm] + [n for L in weights.layers for n in (L.attention_norm, L.ffn_norm)]
+    if not _f32_cpu(*norms, k_cache, v_cache):
+        return "float32 norms and caches on the CPU, contiguous, expected"
+    if c.dim % 8 or c.head_dim % 8 or c.n_heads % c.n_kv_heads:
+        return "dim and head_dim must be multiples of 8, n_heads a multiple of n_kv_heads"
+    if (k_cache.shape != v_cache.shape or k_cache.shape[0] != c.n_layers or k_cache.shape[3:] != (c.n_kv_heads, c.head_dim)
+            or rope_table.dtype is not torch.complex64 or not rope_table.is_contiguous()
+            or rope_table.shape[1] * 2 != c.head_dim):
+        return "caches (n_layers, NB, bs, Hkv, hd) and a contiguous complex64 RoPE table (max_pos, hd/2) expected"
+    return None
+
+
+PANEL = 16  # output columns per packed panel (PANEL in kernels/ops_avx2.c)
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """A float32 weight (N, K), any strides, in the fused step's packed layout: (ceil(N/16), K, 16),
+    panel p holding W[16p : 16p + 16, :]^T, the last panel zero-padded (see `matmul_packed` in
+    kernels/ops_avx2.c). A copy."""
+    N, K = w.shape
+    P = -(-N // PANEL)
+    padded = torch.zeros(P * PANEL, K, dtype=torch.float32)
+    padded[:N] = w
+    return padded.view(P, PANEL, K).transpose(1, 2).contiguous()
+
+
+def matmul_packed(x: torch.Tensor, packed: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ W^T for W (n, K) packed by `pack_panels`; with `out` (M, n), out += that (in place)
+    and out is returned. float32 contiguous CPU tensors. Raises ValueError for other inputs."""
+    lib = _lib("ops_avx2")
+    M, K = x.shape
+    if (packed.dim() != 3 or packed.shape != (-(-n // PANEL), K, PANEL) or not _f32_cpu(x, packed)
+            or (out is not None and (out.shape != (M, n) or not _f32_cpu(out)))):
+        raise ValueError(f"matmul_packed: x (M, K), packed (ceil(n/16), K, 16) and out (M, n), float32 contiguous "
+                         f"on the CPU, expected; got {tuple(x.shape)}, {tuple(packed.shape)}, n={n}")
+    y = torch.empty(M, n, dtype=torch.float32) if out is None else out
+    lib.matmul_packed_f32(x.data_ptr(), packed.data_ptr(), y.data_ptr(), M, n, K, out is not None,
+                          _threads_for(n * K))
+    return y
+
+
+class FusedDecode:
+    """A whole decode step as one C call (`decode_step_f32` in kernels/ops_avx2.c): embedding, every
+    layer (RMSNorm, QKV, RoPE with the cache write, paged attention, Wo, RMSNorm, SwiGLU FFN, both
+    residual adds) and the LM head, for B sequences with one new token each.
+
+    Built once per engine from its weights, cache and RoPE table (it keeps references to them, and
+    the C side holds their addresses). It keeps its own copy of every float32 weight matrix, packed
+    in panels (`pack_panels`), so that the step reads each matrix in order, once, for any number of
+    rows: one more copy of the float linear weights in memory. int8 matrices (`quant.Int8Weight`) are
+    read in place by the w8a16 kernel. Raises ValueError (from `decode_step_problem`) for weights it
+    does not take, KernelUnavailable where the kernels cannot run.
+    """
+
+    def __init__(self, weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor):
+        self._lib = _lib("ops_avx2")
+        _fail("FusedDecode", decode_step_problem(weights, k_cache, v_cache, rope_table))
+        c = weights.config
+        table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2)
+        keep = []
+
+        def matrix(w) -> list[int]:  # [data, scale]: float32 packed in panels (scale NULL), or int8 (N, K) rows
+            if _is_int8(w):
+                q, scale = w.q.contiguous(), w.scale.contiguous()
+                keep.extend((q, scale))
+                return [q.data_ptr(), scale.data_ptr()]
+            keep.append(pack_panels(w))
+            return [keep[-1].data_ptr(), 0]
+
+        ptrs = []
+        for L, kc, vc in zip(weights.layers, k_cache.unbind(0), v_cache.unbind(0), strict=True):
+            ptrs += [L.attention_norm.data_ptr(), *matrix(L.wqkv), *matrix(L.wo), L.ffn_norm.data_ptr(),
+                     *matrix(L.w13), *matrix(L.w2), kc.data_ptr(), vc.data_ptr()]
+        output = matrix(weights.output)
+        self._layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        emb = weights.tok_embeddings  # (V, D), any strides (tied embeddings: the LM head's column-major matrix)
+        emb, emb_scale = (emb.q.contiguous(), emb.scale.contiguous()) if _is_int8(emb) else (emb, None)
+        keep += [emb, emb_scale]
+        NB, bs = k_cache.shape[1:3]
+        self._model = _DecodeModel(
+            c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, weights.layers[0].w2.shape[1], c.vocab_size,
+            bs, NB, table.shape[0], emb.data_ptr(), 0 if emb_scale is None else emb_scale.data_ptr(),
+            emb.stride(0), emb.stride(1), ctypes.cast(self._layers, _P), weights.norm.data_ptr(), *output,
+            table.data_ptr(), PARALLEL_MIN_WEIGHTS, c.norm_eps)
+        self._model_ptr = ctypes.addressof(self._model)
+        self._keep = (weights, k_cache, v_cache, table, keep)  # what the addresses point into
+        self.vocab = c.vocab_size
+        self.int8 = any(_is_int8(m) for m in [weights.output] + [m for L in weights.layers
+                                                                  for m in (L.wqkv, L.wo, L.w13, L.w2)])
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor) -> torch.Tensor:
+        """tokens, pos, slots, context_lens: (B,) integer; block_tables: (B, W) integer; CPU tensors.
+        Appends each token's k and v to the cache and returns the logits (B, V) float32. Raises
+        ValueError (nothing written) for mismatched shapes, or ids, positions, slots, lengths or block
+        ids out of range."""
+        B = tokens.shape[0]
+        if (pos.shape != (B,) or slots.shape != (B,) or context_lens.shape != (B,) or block_tables.dim() != 2
+                or block_tables.shape[0] != B or not _int_cpu(tokens, pos, slots, block_tables, context_lens)):
+            raise ValueError("FusedDecode: tokens, pos, slots, context_lens (B,) and block_tables (B, W), "
+                             "integer tensors on the CPU, expected")
+        tokens, pos, slots = _index(tokens), _index(pos), _index(slots)
+        block_tables, context_lens = _index(block_tables), _index(context_lens)
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        err = self._lib.decode_step_f32(self._model_ptr, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
+                                        block_tables.data_ptr(), context_lens.data_ptr(), logits.data_ptr(),
+                                        B, block_tables.shape[1], torch.get_num_threads())
+        if err:
+            raise ValueError(f"FusedDecode: {DECODE_STEP_ERRORS.get(err, f'error {err}')}")
+        return logits

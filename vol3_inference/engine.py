@@ -34,6 +34,7 @@ import torch
 
 from shared.config import ModelConfig
 from vol2_torch.model import precompute_rope
+from vol3_inference import quant
 from vol3_inference.kv_cache import OutOfBlocks, PagedKVCache
 from vol3_inference.ops import get_ops
 from vol3_inference.quant import Int8Weight, quantize_int8
@@ -195,10 +196,14 @@ class Engine:
         weights: the model; the engine, its cache and every tensor it makes live on its device.
         n_blocks / block_size: cache geometry; default room for 4 full-length sequences.
         backend: op set from `ops.BACKENDS` ("torch", "cpu", "cpu-gemv"), or "auto" (`ops.get_ops`).
+        fuse_decode: run a step of at most FUSED_MAX_ROWS one-token chunks as one call where the
+            backend has a fused decode step (`ops.CpuOps.fused_decode`); False: always op by op.
     """
 
+    FUSED_MAX_ROWS = 16
+
     def __init__(self, weights: ModelWeights, n_blocks: int | None = None, block_size: int = 16,
-                 backend: str = "auto"):
+                 backend: str = "auto", fuse_decode: bool = True):
         c = weights.config
         self.weights, self.config = weights, c
         self.device = weights.device
@@ -210,6 +215,7 @@ class Engine:
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
         real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
         self.rope_freqs = torch.complex(cos.to(real), sin.to(real)).to(self.device)  # cos + i sin, (max_seq_len, hd/2)
+        self.fused = self.ops.fused_decode(weights, self.cache.k, self.cache.v, self.rope_freqs) if fuse_decode else None
         self._ids = itertools.count()
 
     # --- the forward ---------------------------------------------------------------------------
@@ -270,15 +276,17 @@ class Engine:
         # work, so the decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar
         # lengths. A backend that reads each sequence's own blocks in place (`pads_decode = False`,
         # the C kernel) takes them all in one call.
+        if (self.fused is not None and N == len(chunks) and N <= self.FUSED_MAX_ROWS and not all_logits
+                and (not self.fused.int8 or quant.INT8_ROUTE == "w8a16")):
+            # one token per chunk: the whole step in one call (cpu_kernels.FusedDecode; its int8 matmul
+            # is the w8a16 route's, so other routes, which the bench compares, run op by op)
+            outs = list(self.fused(tok, pos, slot, *self._tables(chunks)).unbind(0))  # B x (V,)
+            return self._unsort(outs, order)
         dec_groups = []  # (first row, end row, block tables (b, width), context lengths (b,))
         n_groups = min(DECODE_GROUPS if ops.pads_decode else 1, -(-n_dec // DECODE_GROUP_MIN))
         for g in range(n_groups):
             r0, r1 = g * n_dec // n_groups, (g + 1) * n_dec // n_groups
-            tables = [mgr.tables[ch.seq] for ch in chunks[r0:r1]]
-            width = max(map(len, tables))
-            dec_groups.append((r0, r1, torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long,
-                                                    device=dev),
-                               torch.tensor([ch.start_pos + 1 for ch in chunks[r0:r1]], dtype=torch.long, device=dev)))
+            dec_groups.append((r0, r1, *self._tables(chunks[r0:r1])))
         prefills, row = [], n_dec  # (first row, T, start_pos, block table)
         for ch in chunks[n_dec:]:
             prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq)))
@@ -313,6 +321,19 @@ class Engine:
         else:
             h = ops.rmsnorm(x if last is None else x[last], self.weights.norm, c.norm_eps)  # (B, D)
             outs = list(ops.linear(h, self.weights.output).unbind(0))  # B x (V,)
+        return self._unsort(outs, order)
+
+    def _tables(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables (B, width), padded with block 0, and context lengths (B,) of one-token chunks
+        whose tokens are already appended to the cache."""
+        tables = [self.cache.manager.tables[ch.seq] for ch in chunks]
+        width = max(map(len, tables))
+        return (torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device),
+                torch.tensor([ch.start_pos + 1 for ch in chunks], dtype=torch.long, device=self.device))
+
+    @staticmethod
+    def _unsort(outs: list[torch.Tensor], order: list[int]) -> list[torch.Tensor]:
+        """Results in the caller's chunk order (`forward` ran them in `order`)."""
         result: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
         for j, i in enumerate(order):
             result[i] = outs[j]

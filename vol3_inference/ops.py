@@ -95,6 +95,13 @@ class TorchOps:
         return q, k, v
 
     @staticmethod
+    def fused_decode(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor):
+        """A callable that runs a whole decode step at once (see `cpu_kernels.FusedDecode`) for these
+        weights, cache (n_layers, NB, bs, Hkv, hd) and RoPE table, or None where the backend has none
+        or cannot take them; the engine then runs the step op by op. The reference has none."""
+        return None
+
+    @staticmethod
     def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         """The blocks listed in block_tables (B, nb) from one layer's cache (NB, bs, Hkv, hd), as a
         contiguous (B, nb * bs, Hkv, hd). (index_select: ~7x faster than cache[block_tables] here.)"""
@@ -189,6 +196,13 @@ class CpuOps(TorchOps):
         if cpu_kernels.attention_problem(*args) is None:
             return cpu_kernels.paged_decode_attention(*args, checked=True)
         return super().decode_attention(*args)
+
+
+    @staticmethod
+    def fused_decode(weights, k_cache, v_cache, rope_table):
+        if cpu_kernels.decode_step_problem(weights, k_cache, v_cache, rope_table) is None:
+            return cpu_kernels.FusedDecode(weights, k_cache, v_cache, rope_table)
+        return None
 
 
 class CpuGemvOps(CpuOps):

@@ -153,6 +153,42 @@ def probe_layout(preset: str, rows: list[int], rounds: int) -> None:
           f"{med['column-major']:.2f} ms ({med['row-major'] / med['column-major']:.2f}x)")
 
 
+def probe_fused(preset: str, rows: list[int], rounds: int, context: int) -> None:
+    from vol3_inference import cpu_kernels
+
+    if (why := cpu_kernels.unavailable("ops_avx2")) is not None:
+        print(f"{preset}: the C kernels cannot run here ({why})")
+        return
+    c = get_preset(preset)
+    context = min(context, c.max_seq_len - 1)
+    torch.manual_seed(0)
+    weights = ModelWeights.from_model(Transformer(c))
+    n_blocks = max(rows) * -(-(context + 1) // 16) + 1
+    engines = {"fused": Engine(weights, n_blocks, backend="cpu"),
+               "op by op": Engine(weights, n_blocks, backend="cpu", fuse_decode=False),
+               "torch ops": Engine(weights, n_blocks, backend="torch")}
+    print(f"{preset}: decode step, ms, {context} tokens of context per sequence, median of {rounds} interleaved rounds")
+    print(f"  {'rows':>5s} {'fused':>8s} {'op by op':>9s} {'torch ops':>10s} {'fused vs op by op':>18s} {'vs torch ops':>13s}")
+    for m in rows:
+        for e in engines.values():
+            for b in range(m):
+                e.prefill(b, [1 + (b + i) % (c.vocab_size - 1) for i in range(context)])
+
+        def step(e, m=m):  # one decode step for m sequences, then rolled back: the context stays put
+            e.forward([Chunk(b, [5], context) for b in range(m)])
+            for b in range(m):
+                e.cache.manager.truncate(b, 1)
+
+        # several steps in a row per round, as in decoding (one cold step after another engine ran is not)
+        t = {k: 1e3 * sec for k, sec in time_interleaved({k: (lambda e=e: step(e)) for k, e in engines.items()},
+                                                          rounds, reps=20).items()}
+        print(f"  {m:5d} {t['fused']:8.3f} {t['op by op']:9.3f} {t['torch ops']:10.3f} "
+              f"{t['op by op'] / t['fused']:17.2f}x {t['torch ops'] / t['fused']:12.2f}x")
+        for e in engines.values():
+            for b in range(m):
+                e.release(b)
+
+
 def static_decode_step(w: ModelWeights, engine: Engine):
     """The batch-1 decode step with static shapes, for torch.compile: the whole block table
     (max_seq_len / bs blocks) is gathered every step and positions past the context are masked."""
@@ -235,20 +271,21 @@ def probe_compile(weights: ModelWeights, rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m vol3_inference.probes", description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["layout", "gemv", "compile"], help="which measurement")
-    p.add_argument("--presets", default="seed512,cpu", help="layout, gemv: comma-separated presets")
-    p.add_argument("--rows", default="1,4,16,64", help="layout: batch rows to time")
+    p.add_argument("probe", choices=["layout", "gemv", "fused", "compile"], help="which measurement")
+    p.add_argument("--presets", default="seed512,cpu", help="layout, gemv, fused: comma-separated presets")
+    p.add_argument("--rows", default=None, help="layout, fused: batch rows to time (default 1,4,16,64; fused 1,2,4,8,16)")
+    p.add_argument("--context", type=int, default=128, help="fused: tokens of context per sequence")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="compile: checkpoint (else random weights, cpu preset)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.threads < 1:
-        return fail("--rounds and --threads must be >= 1")
+    if args.rounds < 1 or args.threads < 1 or args.context < 1:
+        return fail("--rounds, --threads and --context must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    if args.probe in ("layout", "gemv"):
+    if args.probe in ("layout", "gemv", "fused"):
         try:
-            rows = [int(r) for r in args.rows.split(",")]
+            rows = [int(r) for r in (args.rows or ("1,2,4,8,16" if args.probe == "fused" else "1,4,16,64")).split(",")]
             presets = [x.strip() for x in args.presets.split(",") if x.strip()]
             for name in presets:
                 get_preset(name)
@@ -259,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in presets:
             if args.probe == "layout":
                 probe_layout(name, rows, args.rounds)
+            elif args.probe == "fused":
+                probe_fused(name, rows, args.rounds, args.context)
             else:
                 probe_gemv(name, args.rounds)
         return 0

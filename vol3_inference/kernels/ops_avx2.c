@@ -48,10 +48,11 @@ void rmsnorm_f32(const float *x, const float *w, float *y, int64_t N, int64_t D,
     }
 }
 
-/* Columns [n0, n1) of y (N,) = x (K,) @ wt, wt (K, N) row-major. */
-static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+/* Columns [n0, n1) of y (N,) = x (K,) @ wt, wt (K, N) row-major; with `accumulate`, y += instead. */
+static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                      int accumulate) {
     int64_t n8 = n0 + (n1 - n0) / 8 * 8;
-    memset(y + n0, 0, (n1 - n0) * sizeof(float));
+    if (!accumulate) memset(y + n0, 0, (n1 - n0) * sizeof(float));
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
         const float *r0 = wt + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
@@ -75,32 +76,127 @@ static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int6
         for (int64_t n = n0; n < n1; n++) y[n] += wt[k * N + n] * x[k];
 }
 
-/* x (M, K), y (M, N); wt (K, N) row-major, i.e. W (N, K) stored column-major. Any N, K. With
- * n_threads > 1, each OpenMP thread (torch's: see w8a16_avx2.c) takes one contiguous range of columns,
- * so it still reads long runs of every row of wt (short strided pieces stream badly: 64-column blocks
- * measured 0.7x of one thread's whole rows). */
-void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
-                       int64_t n_threads) {
-    for (int64_t m = 0; m < M; m++) {
-        #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
-        for (int64_t j = 0; j < n_threads; j++) {
-            int64_t a = N * j / n_threads / 8 * 8, b = j == n_threads - 1 ? N : N * (j + 1) / n_threads / 8 * 8;
-            gemv_cols(x + m * K, wt, y + m * N, N, K, a, b);
-        }
+/* y (M, N) = x (M, K) @ wt, or y += with `accumulate`; wt (K, N) row-major, i.e. W (N, K) stored
+ * column-major. Any N, K. Rows go one after another, each streaming the weights (for a few rows: the
+ * opt-in "cpu-gemv" backend). With n_threads > 1, each OpenMP thread (torch's: see w8a16_avx2.c) takes
+ * one contiguous range of columns for every row, so it still reads long runs of each row of wt (short
+ * strided pieces stream badly: 64-column blocks measured 0.7x of one thread's whole rows). */
+static void matmul_rows(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
+                        int accumulate, int64_t n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t j = 0; j < n_threads; j++) {
+        int64_t a = N * j / n_threads / 8 * 8, b = j == n_threads - 1 ? N : N * (j + 1) / n_threads / 8 * 8;
+        for (int64_t m = 0; m < M; m++) gemv_cols(x + m * K, wt, y + m * N, N, K, a, b, accumulate);
     }
 }
 
-/* qkv, out (N, (H + 2 Hkv) hd): per row [q heads | k heads | v heads]; table (max_pos, hd/2, 2) holds
- * (cos, sin) per position and pair; pos, slots (N,) int64; k_cache, v_cache (n_slots, Hkv, hd).
- * Returns 0, or before writing anything: 1 if a position is outside [0, max_pos), 2 if a slot is
- * outside [0, n_slots). hd is even. */
-int64_t rope_qkv_cache_f32(const float *qkv, float *out, const float *table, const int64_t *pos,
-                           const int64_t *slots, float *k_cache, float *v_cache, int64_t N, int64_t H,
-                           int64_t Hkv, int64_t hd, int64_t max_pos, int64_t n_slots) {
-    for (int64_t n = 0; n < N; n++) {
-        if (pos[n] < 0 || pos[n] >= max_pos) return 1;
-        if (slots[n] < 0 || slots[n] >= n_slots) return 2;
+/* ---- Matmul on packed weights (the fused decode step's) -------------------------------------------
+ *
+ * A weight W (N, K) packed in panels of 16 output columns: panel p is W[16p : 16p + 16, :]^T stored
+ * (K, 16) row by row, contiguous, and the panels follow each other (the last one zero-padded).
+ * A panel is 64 bytes per k, read front to back; the whole matrix is read in order, once per call,
+ * whatever the number of rows. (The column-major (K, N) layout read 16 columns at a time instead
+ * jumps N floats per k: with N = 1024 or 2048 every line of a panel falls into the same L1 set and
+ * a new page, and two rows measured 2.5x slower than one.) */
+
+#define PANEL 16
+
+/* MB (1..4) rows of x (MB, K) against one panel (K, 16): out[j, 0:16] = x[j] @ panel. The
+ * accumulators stay in registers for the whole K loop, and each pair of weight vectors loaded serves
+ * all MB rows, so with several rows the loop is bound by FMAs, not loads. An FMA takes about 5 cycles
+ * to finish and two start per cycle, so ~10 independent sums must be in flight: NP phases (k mod NP)
+ * accumulate separately and are added at the end. MB and NP are compile-time constants per copy. */
+#define PANEL_KERNEL(MB, NP)                                                                               \
+    static void panel_##MB(const float *x, int64_t K, const float *panel, float *out) {                    \
+        __m256 a0[NP][MB], a1[NP][MB];                                                                     \
+        for (int p = 0; p < NP; p++)                                                                       \
+            for (int j = 0; j < MB; j++) a0[p][j] = a1[p][j] = _mm256_setzero_ps();                        \
+        int64_t k = 0;                                                                                     \
+        for (; k + NP <= K; k += NP)                                                                       \
+            for (int p = 0; p < NP; p++) {                                                                 \
+                const float *w = panel + (k + p) * PANEL;                                                  \
+                __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);                               \
+                for (int j = 0; j < MB; j++) {                                                             \
+                    __m256 xj = _mm256_broadcast_ss(x + j * K + k + p);                                    \
+                    a0[p][j] = _mm256_fmadd_ps(w0, xj, a0[p][j]);                                          \
+                    a1[p][j] = _mm256_fmadd_ps(w1, xj, a1[p][j]);                                          \
+                }                                                                                          \
+            }                                                                                              \
+        for (; k < K; k++) {                                                                               \
+            const float *w = panel + k * PANEL;                                                            \
+            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);                                   \
+            for (int j = 0; j < MB; j++) {                                                                 \
+                __m256 xj = _mm256_broadcast_ss(x + j * K + k);                                            \
+                a0[0][j] = _mm256_fmadd_ps(w0, xj, a0[0][j]);                                              \
+                a1[0][j] = _mm256_fmadd_ps(w1, xj, a1[0][j]);                                              \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int j = 0; j < MB; j++) {                                                                     \
+            for (int p = 1; p < NP; p++) {                                                                 \
+                a0[0][j] = _mm256_add_ps(a0[0][j], a0[p][j]);                                              \
+                a1[0][j] = _mm256_add_ps(a1[0][j], a1[p][j]);                                              \
+            }                                                                                              \
+            _mm256_storeu_ps(out + j * PANEL, a0[0][j]);                                                   \
+            _mm256_storeu_ps(out + j * PANEL + 8, a1[0][j]);                                               \
+        }                                                                                                  \
     }
+PANEL_KERNEL(1, 4)
+PANEL_KERNEL(2, 2)
+PANEL_KERNEL(3, 2)
+PANEL_KERNEL(4, 1)
+
+/* y (M, N) = x (M, K) @ W^T, or y += with `accumulate`, W packed (see above). Each panel runs over
+ * every block of up to 4 rows while it is in L1/L2; panels are split over n_threads OpenMP threads in
+ * contiguous ranges. */
+static void matmul_packed(const float *x, const float *packed, float *y, int64_t M, int64_t N, int64_t K,
+                          int accumulate, int64_t n_threads) {
+    int64_t panels = (N + PANEL - 1) / PANEL;
+    if (n_threads > panels) n_threads = panels;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t t = 0; t < n_threads; t++)
+        for (int64_t p = panels * t / n_threads; p < panels * (t + 1) / n_threads; p++) {
+            const float *panel = packed + p * K * PANEL;
+            int64_t n = p * PANEL, cols = N - n < PANEL ? N - n : PANEL;
+            for (int64_t m = 0; m < M; m += 4) {
+                float out[4 * PANEL];
+                int64_t mb = M - m < 4 ? M - m : 4;
+                switch (mb) {
+                    case 1: panel_1(x + m * K, K, panel, out); break;
+                    case 2: panel_2(x + m * K, K, panel, out); break;
+                    case 3: panel_3(x + m * K, K, panel, out); break;
+                    default: panel_4(x + m * K, K, panel, out); break;
+                }
+                for (int64_t j = 0; j < mb; j++) {
+                    float *yr = y + (m + j) * N + n;
+                    if (cols == PANEL && accumulate) {
+                        _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), _mm256_loadu_ps(out + j * PANEL)));
+                        _mm256_storeu_ps(yr + 8, _mm256_add_ps(_mm256_loadu_ps(yr + 8), _mm256_loadu_ps(out + j * PANEL + 8)));
+                    } else if (cols == PANEL) {
+                        memcpy(yr, out + j * PANEL, PANEL * sizeof(float));
+                    } else {
+                        for (int64_t c = 0; c < cols; c++) yr[c] = (accumulate ? yr[c] : 0.f) + out[j * PANEL + c];
+                    }
+                }
+            }
+        }
+}
+
+/* The packed matmul on its own (for tests, and the probe). */
+void matmul_packed_f32(const float *x, const float *packed, float *y, int64_t M, int64_t N, int64_t K,
+                       int64_t accumulate, int64_t n_threads) {
+    matmul_packed(x, packed, y, M, N, K, (int)accumulate, n_threads);
+}
+
+void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
+                       int64_t n_threads) {
+    matmul_rows(x, wt, y, M, N, K, 0, n_threads);
+}
+
+/* qkv, out (N, (H + 2 Hkv) hd): per row [q heads | k heads | v heads] (out may be qkv itself);
+ * table (max_pos, hd/2, 2) holds (cos, sin) per position and pair; pos, slots (N,) int64, already
+ * checked; k_cache, v_cache (n_slots, Hkv, hd). hd is even. */
+static void rope_rows(const float *qkv, float *out, const float *table, const int64_t *pos, const int64_t *slots,
+                      float *k_cache, float *v_cache, int64_t N, int64_t H, int64_t Hkv, int64_t hd) {
     int64_t width = (H + 2 * Hkv) * hd, kv = Hkv * hd;
     for (int64_t n = 0; n < N; n++) {
         const float *x = qkv + n * width, *t = table + pos[n] * hd;
@@ -111,14 +207,149 @@ int64_t rope_qkv_cache_f32(const float *qkv, float *out, const float *table, con
                 o[h * hd + i] = a * c - b * s;
                 o[h * hd + i + 1] = a * s + b * c;
             }
-        for (int64_t i = 0; i < kv; i++) o[(H + Hkv) * hd + i] = x[(H + Hkv) * hd + i];  /* v */
-        float *kc = k_cache + slots[n] * kv, *vc = v_cache + slots[n] * kv;
-        for (int64_t i = 0; i < kv; i++) {
-            kc[i] = o[H * hd + i];
-            vc[i] = o[(H + Hkv) * hd + i];
-        }
+        if (o != x) memcpy(o + (H + Hkv) * hd, x + (H + Hkv) * hd, kv * sizeof(float));  /* v */
+        memcpy(k_cache + slots[n] * kv, o + H * hd, kv * sizeof(float));
+        memcpy(v_cache + slots[n] * kv, o + (H + Hkv) * hd, kv * sizeof(float));
+    }
+}
+
+static int64_t check_pos_slots(const int64_t *pos, const int64_t *slots, int64_t N, int64_t max_pos, int64_t n_slots) {
+    for (int64_t n = 0; n < N; n++) {
+        if (pos[n] < 0 || pos[n] >= max_pos) return 1;
+        if (slots[n] < 0 || slots[n] >= n_slots) return 2;
     }
     return 0;
+}
+
+/* rope_rows, after checking. Returns 0, or before writing anything: 1 if a position is outside
+ * [0, max_pos), 2 if a slot is outside [0, n_slots). */
+int64_t rope_qkv_cache_f32(const float *qkv, float *out, const float *table, const int64_t *pos,
+                           const int64_t *slots, float *k_cache, float *v_cache, int64_t N, int64_t H,
+                           int64_t Hkv, int64_t hd, int64_t max_pos, int64_t n_slots) {
+    int64_t err = check_pos_slots(pos, slots, N, max_pos, n_slots);
+    if (err == 0) rope_rows(qkv, out, table, pos, slots, k_cache, v_cache, N, H, Hkv, hd);
+    return err;
+}
+
+/* e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2, e^r = 1 + r + r^2 P(r) (Cephes expf's degree-5
+ * P), and 2^n built in the exponent bits. Within 2 ulp of expf over [-87, 88]; x is clamped to that
+ * range (so e^x >= 2^-126 for very negative x, harmless where it is used: softmax weights and the
+ * sigmoid); NaN stays NaN (the clamps are ordered so that a NaN operand passes through). */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts, exact n * hi */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* s[i] = e^(s[i] - m) for i < S; returns their sum. */
+static float exp_shift_sum(float *s, int64_t S, float m) {
+    __m256 mv = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= S; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+        _mm256_storeu_ps(s + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float l = hsum_ps(acc);
+    for (; i < S; i++) {
+        s[i] = expf(s[i] - m);
+        l += s[i];
+    }
+    return l;
+}
+
+static int64_t check_tables(const int64_t *tables, const int64_t *lens, int64_t B, int64_t bs, int64_t W, int64_t NB) {
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] < 1 || lens[b] > W * bs) return 1;
+        for (int64_t j = 0; j < (lens[b] + bs - 1) / bs; j++)
+            if (tables[b * W + j] < 0 || tables[b * W + j] >= NB) return 2;
+    }
+    return 0;
+}
+
+/* The sums of v0..v7's lanes, as one vector (lane j: the sum of vj). */
+static inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  /* v0..v3: low, high halves */
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+#define HD_CHUNK 64  /* head-dim floats whose output accumulates in registers (8 vectors) */
+
+/* Decode attention for B sequences whose tables and lengths are already checked (see below).
+ * Scores go 8 keys at a time: eight dot products side by side, added across lanes together (hsum8),
+ * since a lone dot product of a short head would spend more on its final sum than on its products.
+ * The weighted sum of values keeps up to HD_CHUNK output floats in registers over all positions. */
+static void attend_rows(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
+                        const int64_t *lens, float *out, float *scores, int64_t B, int64_t H, int64_t Hkv,
+                        int64_t hd, int64_t bs, int64_t W, int64_t q_stride, float scale) {
+    int64_t group = H / Hkv, row = Hkv * hd;  /* floats per cached token */
+    __m256 scale_v = _mm256_set1_ps(scale);
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t *table = tables + b * W;
+        int64_t S = lens[b];
+        for (int64_t h = 0; h < H; h++) {
+            int64_t kvh = h / group;
+            const float *qh = q + b * q_stride + h * hd;
+            const float *kbase = k_cache + kvh * hd, *vbase = v_cache + kvh * hd;
+#define KEY(s) (kbase + (table[(s) / bs] * bs + (s) % bs) * row)
+            __m256 mv = _mm256_set1_ps(-INFINITY);
+            int64_t s = 0;
+            for (; s + 8 <= S; s += 8) {
+                const float *k0 = KEY(s), *k1 = KEY(s + 1), *k2 = KEY(s + 2), *k3 = KEY(s + 3);
+                const float *k4 = KEY(s + 4), *k5 = KEY(s + 5), *k6 = KEY(s + 6), *k7 = KEY(s + 7);
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                for (int64_t i = 0; i < hd; i += 8) {
+                    __m256 qi = _mm256_loadu_ps(qh + i);
+                    a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + i), a0);
+                    a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k1 + i), a1);
+                    a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k2 + i), a2);
+                    a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k3 + i), a3);
+                    a4 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k4 + i), a4);
+                    a5 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k5 + i), a5);
+                    a6 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k6 + i), a6);
+                    a7 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k7 + i), a7);
+                }
+                __m256 z = _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), scale_v);
+                _mm256_storeu_ps(scores + s, z);
+                mv = _mm256_max_ps(mv, z);
+            }
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            for (; s < S; s++) {
+                float z = dot(qh, KEY(s), hd) * scale;
+                scores[s] = z;
+                if (z > m) m = z;
+            }
+#undef KEY
+            float inv = 1.0f / exp_shift_sum(scores, S, m);
+            float *o = out + (b * H + h) * hd;
+            for (int64_t c = 0; c < hd; c += HD_CHUNK) {
+                int64_t nv = (hd - c < HD_CHUNK ? hd - c : HD_CHUNK) / 8;
+                __m256 acc[HD_CHUNK / 8];
+                for (int64_t j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+                for (int64_t t = 0; t < S; t++) {
+                    const float *v = vbase + (table[t / bs] * bs + t % bs) * row + c;
+                    __m256 p = _mm256_set1_ps(scores[t]);
+                    for (int64_t j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                }
+                __m256 iv = _mm256_set1_ps(inv);
+                for (int64_t j = 0; j < nv; j++) _mm256_storeu_ps(o + c + 8 * j, _mm256_mul_ps(acc[j], iv));
+            }
+        }
+    }
 }
 
 /* q (B, H, hd) with q_stride floats between sequences; out (B, H, hd); k_cache, v_cache (NB, bs, Hkv, hd); tables (B, W) int64; lens (B,) int64
@@ -130,40 +361,126 @@ int64_t paged_decode_attention_f32(const float *q, const float *k_cache, const f
                                    const int64_t *tables, const int64_t *lens, float *out, float *scores,
                                    int64_t B, int64_t H, int64_t Hkv, int64_t hd, int64_t bs, int64_t W,
                                    int64_t NB, int64_t q_stride, float scale) {
-    int64_t group = H / Hkv, row = Hkv * hd;  /* floats per cached token */
-    for (int64_t b = 0; b < B; b++) {
-        if (lens[b] < 1 || lens[b] > W * bs) return 1;
-        for (int64_t j = 0; j < (lens[b] + bs - 1) / bs; j++)
-            if (tables[b * W + j] < 0 || tables[b * W + j] >= NB) return 2;
+    int64_t err = check_tables(tables, lens, B, bs, W, NB);
+    if (err == 0) attend_rows(q, k_cache, v_cache, tables, lens, out, scores, B, H, Hkv, hd, bs, W, q_stride, scale);
+    return err;
+}
+
+/* ---- A whole decode step in one call ---------------------------------------------------------------
+ *
+ * What Engine.forward does for a step of decode rows, without returning to Python between ops: at batch
+ * 1 on a small model the per-op path spends more time in dispatch than in arithmetic (chapter 3,
+ * "the fused decode step"). The same math, op for op:
+ *
+ *   x = tok_embeddings[token]
+ *   per layer: h = RMSNorm(x) ; qkv = h Wqkv^T ; RoPE on q, k and the cache write ; a = attention ;
+ *              x += a Wo^T ; h = RMSNorm(x) ; [g | u] = h W13^T ; x += (silu(g) * u) W2^T
+ *   logits = RMSNorm(x) Wout^T
+ *
+ * float32, every weight matrix stored column-major (engine.gemv_layout), the model described once by a
+ * DecodeModel that Python builds when the engine is made (cpu_kernels.FusedDecode). */
+
+/* From w8a16_avx2.c, built into the same library: y (M, N) = x @ (q * scale)^T, x rounded per row to
+ * int16 (xq, sx: scratch of M x K and M). */
+void w8a16_linear_f32(const float *x, int16_t *xq, float *sx, const int8_t *q, const float *scale, float *y,
+                      int64_t M, int64_t N, int64_t K, int64_t n_threads);
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, block_size, n_blocks, max_pos;
+    const void *tok_embeddings;               /* token t, feature i at t * emb_stride_tok + i * emb_stride_dim: */
+    const float *emb_scale;                   /* float32, or int8 times emb_scale[t] when this is not NULL */
+    int64_t emb_stride_tok, emb_stride_dim;
+    const void *const *layers;                /* n_layers x 12: attention_norm (D,); wqkv, its scale; wo, scale;
+                                                 ffn_norm (D,); w13, scale; w2, scale; k_cache, v_cache
+                                                 (NB, bs, Hkv, hd). A matrix is float32 packed (see
+                                                 matmul_packed) when its scale is NULL, else int8 (N, K)
+                                                 row-major with per-row scales (N,) (w8a16_avx2.c). */
+    const void *norm, *output, *output_scale; /* (D,); the LM head (V, D), as a layer's matrices */
+    const float *rope;                        /* (max_pos, hd/2, 2): cos, sin */
+    int64_t parallel_min;                     /* split a matmul over threads from this many weights */
+    float eps;
+} DecodeModel;
+
+typedef struct {  /* a step's scratch: int16 activations and their scales for the int8 matmul */
+    int16_t *xq;
+    float *sx;
+} Int8Scratch;
+
+/* y (M, N) = x (M, K) @ W^T, or y += with `accumulate` (through tmp, M x N, for int8 weights). */
+static void linear(const float *x, const void *w, const float *scale, float *y, float *tmp, int64_t M, int64_t N,
+                   int64_t K, int accumulate, int64_t n_threads, Int8Scratch *s) {
+    if (scale == NULL) {
+        matmul_packed(x, (const float *)w, y, M, N, K, accumulate, n_threads);
+        return;
     }
+    float *out = accumulate ? tmp : y;
+    w8a16_linear_f32(x, s->xq, s->sx, (const int8_t *)w, scale, out, M, N, K, n_threads);
+    if (accumulate)
+        for (int64_t i = 0; i < M * N; i++) y[i] += out[i];
+}
+
+/* silu(g) * u for the fused [g | u] rows gu (B, 2F) -> act (B, F). */
+static void swiglu_rows(const float *gu, float *act, int64_t B, int64_t F) {
+    __m256 one = _mm256_set1_ps(1.0f);
     for (int64_t b = 0; b < B; b++) {
-        const int64_t *table = tables + b * W;
-        int64_t S = lens[b];
-        for (int64_t h = 0; h < H; h++) {
-            int64_t kvh = h / group;
-            const float *qh = q + b * q_stride + h * hd;
-            float m = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                const float *k = k_cache + (table[s / bs] * bs + s % bs) * row + kvh * hd;
-                float z = dot(qh, k, hd) * scale;
-                scores[s] = z;
-                if (z > m) m = z;
-            }
-            float l = 0.f;
-            for (int64_t s = 0; s < S; s++) {
-                float e = expf(scores[s] - m);
-                scores[s] = e;
-                l += e;
-            }
-            float *o = out + (b * H + h) * hd;
-            for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(o + i, _mm256_setzero_ps());
-            for (int64_t s = 0; s < S; s++) {
-                const float *v = v_cache + (table[s / bs] * bs + s % bs) * row + kvh * hd;
-                __m256 p = _mm256_set1_ps(scores[s] / l);
-                for (int64_t i = 0; i < hd; i += 8)
-                    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
-            }
+        const float *g = gu + b * 2 * F, *u = g + F;
+        float *a = act + b * F;
+        int64_t i = 0;
+        for (; i + 8 <= F; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+            _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
         }
+        for (; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
+}
+
+/* One decode step for B sequences: tokens, pos, slots, lens (B,), tables (B, W), all int64; logits
+ * (B, V). Sequence b's new token sits at position pos[b] and cache slot slots[b], and it attends to
+ * lens[b] cached positions (its own included) through tables[b]. n_threads: torch's thread count.
+ * Returns 0, or before writing anything: 1 a position outside [0, max_pos), 2 a slot outside the
+ * cache, 3 a length outside [1, W * bs], 4 a block id outside [0, NB), 5 a token id outside [0, V),
+ * 6 out of memory. */
+int64_t decode_step_f32(const DecodeModel *m, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
+                        const int64_t *tables, const int64_t *lens, float *logits, int64_t B, int64_t W,
+                        int64_t n_threads) {
+    int64_t D = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim, F = m->ffn_dim, V = m->vocab;
+    int64_t Wqkv = (H + 2 * Hkv) * hd, bs = m->block_size;
+    int64_t err = check_pos_slots(pos, slots, B, m->max_pos, m->n_blocks * bs);
+    if (err) return err;
+    if ((err = check_tables(tables, lens, B, bs, W, m->n_blocks))) return err + 2;
+    for (int64_t b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= V) return 5;
+    int64_t kmax = D > H * hd ? D : H * hd;
+    if (F > kmax) kmax = F;
+    float *buf = malloc(sizeof(float) * (B * (2 * D + Wqkv + H * hd + 3 * F + 1) + W * bs) + sizeof(int16_t) * B * kmax);
+    if (!buf) return 6;
+    float *x = buf, *h = x + B * D, *qkv = h + B * D, *att = qkv + B * Wqkv, *gu = att + B * H * hd;
+    float *act = gu + B * 2 * F, *scores = act + B * F;
+    Int8Scratch s8 = {(int16_t *)(scores + W * bs + B), scores + W * bs};
+#define THREADS(n_weights) ((n_weights) >= m->parallel_min ? n_threads : 1)
+    for (int64_t b = 0; b < B; b++) {
+        int64_t t = tokens[b] * m->emb_stride_tok;
+        for (int64_t i = 0; i < D; i++)
+            x[b * D + i] = m->emb_scale ? ((const int8_t *)m->tok_embeddings)[t + i * m->emb_stride_dim] * m->emb_scale[tokens[b]]
+                                        : ((const float *)m->tok_embeddings)[t + i * m->emb_stride_dim];
+    }
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const void *const *w = m->layers + 12 * l;
+        float *kc = (float *)w[10], *vc = (float *)w[11];
+        rmsnorm_f32(x, w[0], h, B, D, m->eps);
+        linear(h, w[1], w[2], qkv, NULL, B, Wqkv, D, 0, THREADS(Wqkv * D), &s8);
+        rope_rows(qkv, qkv, m->rope, pos, slots, kc, vc, B, H, Hkv, hd);
+        attend_rows(qkv, kc, vc, tables, lens, att, scores, B, H, Hkv, hd, bs, W, Wqkv, (float)(1.0 / sqrt((double)hd)));
+        linear(att, w[3], w[4], x, h, B, D, H * hd, 1, THREADS(D * H * hd), &s8);  /* h is free: tmp */
+        rmsnorm_f32(x, w[5], h, B, D, m->eps);
+        linear(h, w[6], w[7], gu, NULL, B, 2 * F, D, 0, THREADS(2 * F * D), &s8);
+        swiglu_rows(gu, act, B, F);
+        linear(act, w[8], w[9], x, h, B, D, F, 1, THREADS(D * F), &s8);
+    }
+    rmsnorm_f32(x, m->norm, h, B, D, m->eps);
+    linear(h, m->output, m->output_scale, logits, NULL, B, V, D, 0, THREADS(V * D), &s8);
+#undef THREADS
+    free(buf);
     return 0;
 }
