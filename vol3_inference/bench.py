@@ -132,9 +132,12 @@ def hf_model(model: Transformer, out_dir: Path, tokenizer_dict: dict | None):
 
 
 def bench_decode(model, weights, hf, prompt: list[int], n_new: int, rounds: int) -> dict:
-    engine = Engine(weights)  # backend "auto": the C ops where they run
+    engine = Engine(weights)  # backend "auto": the C ops and the fused decode step where they run
     greedy = SamplingParams(max_tokens=n_new, ignore_eos=True)
     variants = {"KV cache": lambda: engine.generate(prompt, greedy)}
+    if engine.fused is not None:  # what fusing the step adds, against the same C ops called one by one
+        unfused = Engine(weights, fuse_decode=False)
+        variants["KV cache, op by op"] = lambda: unfused.generate(prompt, greedy)
     if engine.backend != "torch":  # what the C ops add, against the PyTorch reference ops
         plain = Engine(weights, backend="torch")
         variants["KV cache, torch ops"] = lambda: plain.generate(prompt, greedy)
@@ -160,7 +163,7 @@ def bench_decode(model, weights, hf, prompt: list[int], n_new: int, rounds: int)
     same = all(tokens[k] == tokens["full recompute"] for k in tokens if k.startswith("KV cache"))
     agree_hf = _common_prefix(tokens["KV cache"], tokens["HF generate"])
     return {"tok_s": rates, "prompt_tokens": len(prompt), "new_tokens": n_new, "backend": engine.backend,
-            "greedy_equal_naive": same, "greedy_prefix_equal_hf": agree_hf}
+            "fused": engine.fused is not None, "greedy_equal_naive": same, "greedy_prefix_equal_hf": agree_hf}
 
 
 def _common_prefix(a, b) -> int:
@@ -231,6 +234,7 @@ def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: 
     out = {"linear_bytes": {"fp32": weights.linear_bytes(), "int8": qweights.linear_bytes()},
            "total_bytes": {"fp32": weights.total_bytes(), "int8": qweights.total_bytes()},
            "tok_s": rates, "default_route": INT8_ROUTE, "max_weight_error": qweights.quant_max_error,
+           "fused": {"fp32": fp.fused is not None, "w8a16": q8.fused is not None},
            "greedy_common_prefix": {r: {"min": min(v), "median": statistics.median(v), "of": n_new,
                                         "prompts": len(prompts)} for r, v in prefixes.items()}}
     if val is not None:
@@ -366,10 +370,11 @@ def print_decode(r: dict) -> None:
         say(f"  {label:20s} {t[k]:8.1f} tok/s   {t[k] / t['full recompute']:5.2f}x full recompute   "
             f"{t[k] / t['HF generate']:5.2f}x HF generate")
     say(f"  {'HF generate':20s} {t['HF generate']:8.1f} tok/s")
-    say(f"  (ours: the '{d.get('backend', 'torch')}' ops backend; 'torch ops': the same engine on the "
-        f"PyTorch reference ops)")
+    say(f"  (ours: the '{d.get('backend', 'torch')}' ops backend" + (
+        ", each decode step one fused C call; 'op by op': the same C ops, one call each" if d.get("fused") else "")
+        + "; 'torch ops': the same engine on the PyTorch reference ops)")
     say("  (full recompute: one timed run; the others: median of the rounds)")
-    say(f"  greedy tokens: KV cache (both ops) == full recompute: {d['greedy_equal_naive']}; "
+    say(f"  greedy tokens: every KV cache variant == full recompute: {d['greedy_equal_naive']}; "
         f"first {d['greedy_prefix_equal_hf']}/{d['new_tokens']} equal to HF")
     say(f"  memory roofline: {r['weight_mb']:.1f} MB of fp32 weights per token at {r['bandwidth_gbs']:.1f} GB/s "
         f"-> {r['roofline_tok_s']:.0f} tok/s")
@@ -390,6 +395,9 @@ def print_int8(r: dict) -> None:
         g = q["greedy_common_prefix"].get(k)
         agree = f"{g['min']}/{g['median']:.0f} of {g['of']} ({g['prompts']} prompts)" if g else "-"
         say(f"  {k:16s} {tq[k]:12.1f} {tq[k] / tq['fp32']:7.2f}x {bpb} {agree:>45s}")
+    fused = [k for k, on in q.get("fused", {}).items() if on and k in tq]
+    if fused:
+        say(f"  ({' and '.join(fused)} decode in the fused C step; the other routes op by op)")
     if b:
         say(f"  (bpb over the first {b['val_tokens']:,} validation tokens, windows of 256)")
     else:

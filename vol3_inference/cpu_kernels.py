@@ -351,22 +351,32 @@ def decode_step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, r
     or with int8 matrices (`quant.Int8Weight`, taken by the w8a16 kernel: in_features % 16 == 0);
     k_cache, v_cache: (n_layers, NB, bs, Hkv, hd); rope_table: (max_pos, hd/2) complex64."""
     c = weights.config
-    mats = [m for L in weights.layers for m in (L.wqkv, L.wo, L.w13, L.w2)] + [weights.output]
-    for m in mats + [weights.tok_embeddings]:
+    D, H, Hkv, hd, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size
+    if len(weights.layers) != c.n_layers or not weights.layers:
+        return f"{len(weights.layers)} layers for a config of {c.n_layers}"
+    F = weights.layers[0].w2.shape[1]  # the FFN width (the config's hidden_dim is before rounding)
+    shapes = [(m, (n, k)) for L in weights.layers for m, n, k in (
+        (L.wqkv, (H + 2 * Hkv) * hd, D), (L.wo, D, H * hd), (L.w13, 2 * F, D), (L.w2, D, F))]
+    shapes += [(weights.output, (V, D)), (weights.tok_embeddings, (V, D))]
+    for m, shape in shapes:  # the C reads every matrix at the config's sizes: each must be exactly that
         if _is_int8(m):
             if (m.q.dtype is not torch.int8 or m.scale.dtype is not torch.float32 or not m.q.is_cpu
                     or not m.scale.is_cpu or m.q.shape[1] % 16):
                 return "int8 weights must be int8 (N, K) with float32 scales on the CPU, K % 16 == 0"
-        elif type(m) is not torch.Tensor or m.dtype is not torch.float32 or not m.is_cpu or m.dim() != 2:
+            if tuple(m.q.shape) != shape or tuple(m.scale.shape) != shape[:1]:
+                return f"an int8 weight of shape {tuple(m.q.shape)} where the config makes it {shape}"
+        elif type(m) is not torch.Tensor or m.dtype is not torch.float32 or not m.is_cpu:
             return "the fused step takes float32 or int8 weight matrices on the CPU"
+        elif tuple(m.shape) != shape:
+            return f"a weight of shape {tuple(m.shape)} where the config makes it {shape}"
     norms = [weights.norm] + [n for L in weights.layers for n in (L.attention_norm, L.ffn_norm)]
-    if not _f32_cpu(*norms, k_cache, v_cache):
-        return "float32 norms and caches on the CPU, contiguous, expected"
-    if c.dim % 8 or c.head_dim % 8 or c.n_heads % c.n_kv_heads:
+    if not _f32_cpu(*norms, k_cache, v_cache) or any(tuple(n.shape) != (D,) for n in norms):
+        return "float32 norms (D,) and caches on the CPU, contiguous, expected"
+    if D % 8 or hd % 8 or H % Hkv:
         return "dim and head_dim must be multiples of 8, n_heads a multiple of n_kv_heads"
-    if (k_cache.shape != v_cache.shape or k_cache.shape[0] != c.n_layers or k_cache.shape[3:] != (c.n_kv_heads, c.head_dim)
-            or rope_table.dtype is not torch.complex64 or not rope_table.is_contiguous()
-            or rope_table.shape[1] * 2 != c.head_dim):
+    if (k_cache.shape != v_cache.shape or k_cache.dim() != 5 or k_cache.shape[0] != c.n_layers
+            or k_cache.shape[3:] != (Hkv, hd) or rope_table.dtype is not torch.complex64
+            or not rope_table.is_contiguous() or rope_table.dim() != 2 or rope_table.shape[1] * 2 != hd):
         return "caches (n_layers, NB, bs, Hkv, hd) and a contiguous complex64 RoPE table (max_pos, hd/2) expected"
     return None
 
@@ -406,9 +416,10 @@ class FusedDecode:
     residual adds) and the LM head, for B sequences with one new token each.
 
     Built once per engine from its weights, cache and RoPE table (it keeps references to them, and
-    the C side holds their addresses). It keeps its own copy of every float32 weight matrix, packed
-    in panels (`pack_panels`), so that the step reads each matrix in order, once, for any number of
-    rows: one more copy of the float linear weights in memory. int8 matrices (`quant.Int8Weight`) are
+    the C side holds their addresses). At its first step it makes its own copy of every float32
+    weight matrix, packed in panels (`pack_panels`), so that the step reads each matrix in order,
+    once, for any number of rows: one more copy of the float linear weights in memory, and a
+    snapshot (the weights are not meant to change under an engine). int8 matrices (`quant.Int8Weight`) are
     read in place by the w8a16 kernel. Raises ValueError (from `decode_step_problem`) for weights it
     does not take, KernelUnavailable where the kernels cannot run.
     """
@@ -416,6 +427,14 @@ class FusedDecode:
     def __init__(self, weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor):
         self._lib = _lib("ops_avx2")
         _fail("FusedDecode", decode_step_problem(weights, k_cache, v_cache, rope_table))
+        self._args = (weights, k_cache, v_cache, rope_table)
+        self._model_ptr = None  # built at the first step: an engine that never decodes packs nothing
+        self.vocab = weights.config.vocab_size
+        self.int8 = any(_is_int8(m) for m in [weights.output] + [m for L in weights.layers
+                                                                  for m in (L.wqkv, L.wo, L.w13, L.w2)])
+
+    def _build(self) -> None:
+        weights, k_cache, v_cache, rope_table = self._args
         c = weights.config
         table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2)
         keep = []
@@ -443,11 +462,8 @@ class FusedDecode:
             bs, NB, table.shape[0], emb.data_ptr(), 0 if emb_scale is None else emb_scale.data_ptr(),
             emb.stride(0), emb.stride(1), ctypes.cast(self._layers, _P), weights.norm.data_ptr(), *output,
             table.data_ptr(), PARALLEL_MIN_WEIGHTS, c.norm_eps)
+        self._keep = (table, keep)  # what the addresses point into (with self._args)
         self._model_ptr = ctypes.addressof(self._model)
-        self._keep = (weights, k_cache, v_cache, table, keep)  # what the addresses point into
-        self.vocab = c.vocab_size
-        self.int8 = any(_is_int8(m) for m in [weights.output] + [m for L in weights.layers
-                                                                  for m in (L.wqkv, L.wo, L.w13, L.w2)])
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor) -> torch.Tensor:
@@ -455,13 +471,15 @@ class FusedDecode:
         Appends each token's k and v to the cache and returns the logits (B, V) float32. Raises
         ValueError (nothing written) for mismatched shapes, or ids, positions, slots, lengths or block
         ids out of range."""
-        B = tokens.shape[0]
-        if (pos.shape != (B,) or slots.shape != (B,) or context_lens.shape != (B,) or block_tables.dim() != 2
+        B = tokens.shape[0] if tokens.dim() == 1 else -1
+        if (B < 1 or pos.shape != (B,) or slots.shape != (B,) or context_lens.shape != (B,) or block_tables.dim() != 2
                 or block_tables.shape[0] != B or not _int_cpu(tokens, pos, slots, block_tables, context_lens)):
             raise ValueError("FusedDecode: tokens, pos, slots, context_lens (B,) and block_tables (B, W), "
                              "integer tensors on the CPU, expected")
         tokens, pos, slots = _index(tokens), _index(pos), _index(slots)
         block_tables, context_lens = _index(block_tables), _index(context_lens)
+        if self._model_ptr is None:
+            self._build()
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
         err = self._lib.decode_step_f32(self._model_ptr, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
                                         block_tables.data_ptr(), context_lens.data_ptr(), logits.data_ptr(),

@@ -276,7 +276,7 @@ class Engine:
         # work, so the decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar
         # lengths. A backend that reads each sequence's own blocks in place (`pads_decode = False`,
         # the C kernel) takes them all in one call.
-        if (self.fused is not None and N == len(chunks) and N <= self.FUSED_MAX_ROWS and not all_logits
+        if (self.fused is not None and 0 < N == len(chunks) <= self.FUSED_MAX_ROWS and not all_logits
                 and (not self.fused.int8 or quant.INT8_ROUTE == "w8a16")):
             # one token per chunk: the whole step in one call (cpu_kernels.FusedDecode; its int8 matmul
             # is the w8a16 route's, so other routes, which the bench compares, run op by op)

@@ -214,6 +214,7 @@ class CpuGemvOps(CpuOps):
 
     name = "cpu-gemv"
     GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
+    fused_decode = TorchOps.fused_decode  # none: this backend is the op-by-op GEMV, measured by `probes gemv`
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:

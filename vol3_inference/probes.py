@@ -109,7 +109,8 @@ def probe_gemv(preset: str, rounds: int) -> None:
           f"C GEMV {t['c']:.3f} ms ({t['mkl'] / t['c']:.2f}x)")
     torch.manual_seed(0)
     weights = ModelWeights.from_model(Transformer(c))
-    engines = {"cpu": Engine(weights, backend="cpu"), "cpu-gemv": Engine(weights, backend="cpu-gemv")}
+    # op by op on both (the fused step has its own matmul): the GEMV is the only difference
+    engines = {"cpu": Engine(weights, backend="cpu", fuse_decode=False), "cpu-gemv": Engine(weights, backend="cpu-gemv")}
     med = decode_step_ms(engines, rounds * 4, min(c.max_seq_len, 200))
     print(f"  engine decode step, batch 1: cpu (MKL GEMV) {med['cpu']:.3f} ms, cpu-gemv {med['cpu-gemv']:.3f} ms "
           f"({med['cpu'] / med['cpu-gemv']:.2f}x)")
