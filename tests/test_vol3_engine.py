@@ -27,9 +27,22 @@ BASE = ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=97, m
 LAYOUTS = {"mha": BASE.replace(n_kv_heads=6), "gqa": BASE, "mqa": BASE.replace(n_kv_heads=1),
            "untied": BASE.replace(tie_embeddings=False)}
 # Every op backend that runs here: the engine's results must not depend on which one it uses.
+# "cpu" runs each step as one fused C call; "cpu-op-by-op" is the same backend with fused=False.
 NO_CPU_KERNELS = cpu_kernels.unavailable("ops_avx2")
 BACKENDS = ["torch", *(pytest.param(b, marks=pytest.mark.skipif(
-    NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}")) for b in ("cpu", "cpu-gemv"))]
+    NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}"))
+    for b in ("cpu", "cpu-op-by-op", "cpu-gemv"))]
+
+
+def engine_for(weights: ModelWeights, backend: str, **kw) -> Engine:
+    """An engine on one of BACKENDS; "cpu" runs fused, the others op by op."""
+    if backend == "cpu-op-by-op":
+        engine = Engine(weights, backend="cpu", fused=False, **kw)
+    else:
+        engine = Engine(weights, backend=backend, **kw)
+    assert engine.backend == backend.removesuffix("-op-by-op")
+    assert (engine.fused is not None) == (backend == "cpu")
+    return engine
 
 
 def model_for(config: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.02) -> Transformer:
@@ -48,8 +61,7 @@ def model_for(config: ModelConfig, seed: int = 0, dtype=torch.float32, std: floa
 def test_cached_logits_equal_full_recompute(layout, chunk, backend):
     config = LAYOUTS[layout]
     model = model_for(config)
-    engine = Engine(ModelWeights.from_model(model), n_blocks=8, block_size=5, backend=backend)  # odd block size
-    assert engine.backend == backend
+    engine = engine_for(ModelWeights.from_model(model), backend, n_blocks=8, block_size=5)  # odd block size
     prompt = torch.randint(0, config.vocab_size, (23,), generator=torch.Generator().manual_seed(1))
     ref = model(prompt[None])[0]  # (T, V)
     got = engine.prefill("s", prompt.tolist(), chunk, all_logits=True)
@@ -66,7 +78,7 @@ def test_mixed_step_decode_and_prefill_equals_solo(backend):
     """One step holding two decodes and two prefill chunks gives each sequence its own logits."""
     config = LAYOUTS["gqa"]
     model = model_for(config)
-    engine = Engine(ModelWeights.from_model(model), n_blocks=32, block_size=4, backend=backend)
+    engine = engine_for(ModelWeights.from_model(model), backend, n_blocks=32, block_size=4)
     g = torch.Generator().manual_seed(2)
     seqs = {n: torch.randint(0, config.vocab_size, (L,), generator=g).tolist()
             for n, L in [("a", 9), ("b", 14), ("c", 6), ("d", 11)]}
@@ -157,7 +169,7 @@ def test_many_decodes_in_length_groups_equal_full_recompute(backend):
 
     config = LAYOUTS["gqa"]
     model = model_for(config)
-    engine = Engine(ModelWeights.from_model(model), n_blocks=200, block_size=4, backend=backend)
+    engine = engine_for(ModelWeights.from_model(model), backend, n_blocks=200, block_size=4)
     g = torch.Generator().manual_seed(6)
     seqs = {i: torch.randint(0, config.vocab_size, (2 + 7 * i % 61,), generator=g).tolist() for i in range(19)}
     for i, s in seqs.items():

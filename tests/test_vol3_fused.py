@@ -1,9 +1,11 @@
-"""vol3_inference.cpu_kernels.FusedDecode: the whole decode step in one C call.
+"""vol3_inference.cpu_kernels.FusedStep: a whole engine step in one C call.
 
 The packed matmul against F.linear at any shape; decode steps of many rows against Volume 2's full
 recompute (every layout, odd block sizes, tied and untied embeddings, vocabularies and widths that are
 not multiples of 16); int8 weights against the op-by-op w8a16 route; bad input refused before the
 cache is touched; threads change nothing; and the engine uses the fused step exactly when it should.
+(Prefill, chunked prefill and mixed steps through the fused step are checked against the full
+forward by tests/test_vol3_engine.py, whose "cpu" backend runs fused.)
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def decode_rounds(engine: Engine, model: Transformer | None, seqs: dict, rounds:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 3, 16])
-def test_fused_decode_equals_full_recompute(layout, rows):
+def test_fused_decode_steps_equal_full_recompute(layout, rows):
     config = LAYOUTS[layout]
     model = model_for(config)
     engine = Engine(ModelWeights.from_model(model), n_blocks=200, block_size=5, backend="cpu")  # odd block size
@@ -104,10 +106,9 @@ def test_fused_decode_equals_full_recompute(layout, rows):
     seqs = {i: torch.randint(0, config.vocab_size, (2 + 11 * i % 37,), generator=g).tolist() for i in range(rows)}
     for i, s in seqs.items():
         engine.prefill(i, s[:-1])
-    one_token_prompts = spy.calls  # a one-token prompt is a one-token step too: fused
-    assert one_token_prompts == sum(len(s) == 2 for s in seqs.values())
+    assert spy.calls == rows  # every prefill too
     decode_rounds(engine, model, seqs, 3, config.vocab_size)
-    assert spy.calls == one_token_prompts + 3
+    assert spy.calls == rows + 3
 
 
 def test_fused_int8_agrees_with_the_op_by_op_w8a16_route():
@@ -116,13 +117,14 @@ def test_fused_int8_agrees_with_the_op_by_op_w8a16_route():
     model = model_for(BASE, seed=2)
     for lm_head in (True, False):
         qw = ModelWeights.from_model(model).quantize(lm_head=lm_head)
-        fused, ops = Engine(qw, backend="cpu"), Engine(qw, backend="cpu", fuse_decode=False)
+        fused, ops = Engine(qw, backend="cpu"), Engine(qw, backend="cpu", fused=False)
         assert fused.fused is not None and fused.fused.int8 and ops.fused is None
         spy = Spy(fused)
         seqs = {i: list(range(1 + i, 9 + 3 * i)) for i in range(5)}
         for e in (fused, ops):
             for i, s in seqs.items():
                 e.prefill(i, s[:-1])
+        spy.calls = 0
         a = decode_rounds(fused, None, dict(seqs), 4, BASE.vocab_size)
         b = decode_rounds(ops, None, dict(seqs), 4, BASE.vocab_size)
         for ra, rb in zip(a, b, strict=True):
@@ -134,60 +136,61 @@ def test_fused_int8_agrees_with_the_op_by_op_w8a16_route():
         assert spy.calls == 4
 
 
-def test_engine_runs_the_fused_step_only_for_small_all_decode_steps():
+def test_engine_runs_every_step_fused_where_it_can():
     model = model_for(BASE)
     w = ModelWeights.from_model(model)
     engine = Engine(w, n_blocks=200, block_size=4, backend="cpu")
     spy = Spy(engine)
-    for i in range(Engine.FUSED_MAX_ROWS + 1):
+    for i in range(20):
         engine.prefill(i, [1, 2, 3])
-    engine.forward([Chunk(0, [4], 3), Chunk("new", [5, 6], 0)])  # a prefill in the step: op by op
-    engine.forward([Chunk(i, [4], 3) for i in range(1, Engine.FUSED_MAX_ROWS + 1)])  # 16 rows: fused
-    engine.forward([Chunk(i, [5], 4) for i in range(Engine.FUSED_MAX_ROWS + 1)])  # 17 rows: op by op
-    assert spy.calls == 1
-    engine.prefill("all", [1, 2, 3, 4], all_logits=True)
-    assert spy.calls == 1
+    engine.forward([Chunk(0, [4], 3), Chunk("new", [5, 6], 0)])  # decode and prefill in one step
+    engine.forward([Chunk(i, [4], 3) for i in range(1, 20)])  # 19 decode rows
+    engine.prefill("all", [1, 2, 3, 4], chunk_size=3, all_logits=True)  # chunked, every position's logits
+    assert spy.calls == 20 + 2 + 2
     assert Engine(w, backend="torch").fused is None and Engine(w, backend="cpu-gemv").fused is None
-    assert Engine(w, backend="cpu", fuse_decode=False).fused is None
+    assert Engine(w, backend="cpu", fused=False).fused is None
     w64 = ModelWeights.from_model(model.double())
-    assert "float32" in cpu_kernels.decode_step_problem(w64, *(torch.zeros(2, 4, 4, 2, 8),) * 2,
-                                                        torch.zeros(96, 4, dtype=torch.complex64))
+    assert "float32" in cpu_kernels.step_problem(w64, *(torch.zeros(2, 4, 4, 2, 8),) * 2,
+                                                 torch.zeros(96, 4, dtype=torch.complex64))
     assert Engine(w64, backend="cpu").fused is None  # float64 runs op by op (on the reference ops)
 
 
-def test_fused_decode_refuses_bad_input_before_touching_the_cache():
+def test_fused_step_refuses_bad_input_before_touching_the_cache():
     model = model_for(BASE)
     engine = Engine(ModelWeights.from_model(model), n_blocks=6, block_size=4, backend="cpu")
     engine.prefill("s", [1, 2, 3, 4, 5])
     k0, v0 = engine.cache.k.clone(), engine.cache.v.clone()
-    table, ln = engine.cache.block_table("s")[None], torch.tensor([6])
-    ok = dict(tokens=torch.tensor([7]), pos=torch.tensor([5]), slots=torch.tensor([int(table[0, 1]) * 4 + 1]),
-              block_tables=table, context_lens=ln)
-    bad = {"position": dict(pos=torch.tensor([BASE.max_seq_len])), "slot": dict(slots=torch.tensor([6 * 4])),
-           "context length": dict(context_lens=torch.tensor([9])),  # 2 blocks of 4 hold 8
+    table = engine.cache.block_table("s")[None]  # 2 blocks of 4: positions 0..7
+    ok = dict(tokens=torch.tensor([7, 8]), pos=torch.tensor([5, 6]),
+              slots=torch.tensor([int(table[0, 1]) * 4 + 1, int(table[0, 1]) * 4 + 2]),
+              row_table=torch.tensor([0, 0]), block_tables=table, out_rows=torch.tensor([1]))
+    bad = {"position is outside": dict(pos=torch.tensor([5, BASE.max_seq_len])),
+           "slot": dict(slots=torch.tensor([0, 6 * 4])),
+           "past its block table": dict(pos=torch.tensor([5, 8])),
            "block id": dict(block_tables=torch.tensor([[table[0, 0], 6]])),
-           "token id": dict(tokens=torch.tensor([BASE.vocab_size]))}
+           "token id": dict(tokens=torch.tensor([7, BASE.vocab_size])),
+           "sequence index": dict(row_table=torch.tensor([0, 1])),
+           "output row": dict(out_rows=torch.tensor([2]))}
     for what, change in bad.items():
         with pytest.raises(ValueError, match=what):
             engine.fused(**{**ok, **change})
         assert torch.equal(engine.cache.k, k0) and torch.equal(engine.cache.v, v0), what
     with pytest.raises(ValueError, match="integer tensors"):
-        engine.fused(**{**ok, "pos": torch.tensor([5, 5])})
+        engine.fused(**{**ok, "pos": torch.tensor([5])})
     assert engine.fused(**ok).shape == (1, BASE.vocab_size)  # and the good call runs
 
 
-def test_fused_decode_threads_change_nothing():
+def test_fused_step_threads_change_nothing():
     config = BASE.replace(dim=256, n_heads=8, n_kv_heads=2, vocab_size=1100)  # LM head over PARALLEL_MIN_WEIGHTS
     model = model_for(config)
     w = ModelWeights.from_model(model)
     outs = []
     for threads in (1, 2):
-        torch.set_num_threads(1)  # the prefill (MKL, op by op) on one thread both times
+        torch.set_num_threads(threads)  # threads split panels and attention rows, never one sum
         engine = Engine(w, n_blocks=40, block_size=8, backend="cpu")
         for i in range(3):
-            engine.prefill(i, list(range(1, 10 + i)))
-        torch.set_num_threads(threads)
-        outs.append(torch.stack(engine.forward([Chunk(i, [4], 9 + i) for i in range(3)])))
+            engine.prefill(i, list(range(1, 30 + i)))
+        outs.append(torch.stack(engine.forward([Chunk(i, [4], 29 + i) for i in range(3)] + [Chunk(9, [1, 2, 3], 0)])))
     assert torch.equal(outs[0], outs[1])
 
 
@@ -200,13 +203,13 @@ def test_weights_whose_shapes_do_not_match_the_config_are_not_fused():
     cache = torch.zeros(2, 4, 4, 2, 8)
     rope = torch.zeros(96, 4, dtype=torch.complex64)
     short = dataclasses.replace(w, tok_embeddings=w.tok_embeddings[:40].clone(), output=w.output[:40])
-    assert "shape (40, 48)" in cpu_kernels.decode_step_problem(short, cache, cache, rope)
+    assert "shape (40, 48)" in cpu_kernels.step_problem(short, cache, cache, rope)
     L = w.layers[0]
     half = dataclasses.replace(w, layers=[dataclasses.replace(L, w13=L.w13[: L.w13.shape[0] // 2]), *w.layers[1:]])
-    assert "shape" in cpu_kernels.decode_step_problem(half, cache, cache, rope)
+    assert "shape" in cpu_kernels.step_problem(half, cache, cache, rope)
     assert Engine(short, backend="cpu").fused is None
     with pytest.raises(ValueError, match="shape"):
-        cpu_kernels.FusedDecode(half, cache, cache, rope)
+        cpu_kernels.FusedStep(half, cache, cache, rope)
 
 
 def test_an_empty_step_and_a_scalar_token_are_handled():
@@ -215,4 +218,4 @@ def test_an_empty_step_and_a_scalar_token_are_handled():
     engine.prefill("s", [1, 2, 3])
     table = engine.cache.block_table("s")[None]
     with pytest.raises(ValueError, match="integer tensors"):
-        engine.fused(torch.tensor(7), torch.tensor([3]), torch.tensor([3]), table, torch.tensor([4]))
+        engine.fused(torch.tensor(7), torch.tensor([3]), torch.tensor([3]), torch.tensor([0]), table, torch.tensor([0]))

@@ -136,7 +136,7 @@ def bench_decode(model, weights, hf, prompt: list[int], n_new: int, rounds: int)
     greedy = SamplingParams(max_tokens=n_new, ignore_eos=True)
     variants = {"KV cache": lambda: engine.generate(prompt, greedy)}
     if engine.fused is not None:  # what fusing the step adds, against the same C ops called one by one
-        unfused = Engine(weights, fuse_decode=False)
+        unfused = Engine(weights, fused=False)
         variants["KV cache, op by op"] = lambda: unfused.generate(prompt, greedy)
     if engine.backend != "torch":  # what the C ops add, against the PyTorch reference ops
         plain = Engine(weights, backend="torch")

@@ -43,11 +43,11 @@ SIGNATURES = {  # library -> {function: argument types}
                  "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
                  "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F],
                  "matmul_packed_f32": [_P] * 3 + [_I] * 5,
-                 "decode_step_f32": [_P] * 7 + [_I] * 3},
+                 "forward_step_f32": [_P] * 8 + [_I] * 5},
 }
 LINKED = {"ops_avx2": ("w8a16_avx2.c",)}  # other sources built into a library (the fused step's int8 matmul)
 RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes; the others return nothing
-            "rope_qkv_cache_f32": ctypes.c_int64, "decode_step_f32": ctypes.c_int64}
+            "rope_qkv_cache_f32": ctypes.c_int64, "forward_step_f32": ctypes.c_int64}
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # Split a matmul over torch's threads from this many weights: below it, waking a second thread costs
 # more than it saves (measured on seed512's and the trained model's matrices at batch 1).
@@ -327,8 +327,8 @@ def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tenso
 # --- the whole decode step ---------------------------------------------------------------------------
 
 
-class _DecodeModel(ctypes.Structure):
-    """`DecodeModel` in kernels/ops_avx2.c (field for field)."""
+class _StepModel(ctypes.Structure):
+    """`StepModel` in kernels/ops_avx2.c (field for field)."""
 
     _fields_ = [*((n, _I) for n in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab",
                                    "block_size", "n_blocks", "max_pos")),
@@ -337,17 +337,19 @@ class _DecodeModel(ctypes.Structure):
                 ("parallel_min", _I), ("eps", _F)]
 
 
-DECODE_STEP_ERRORS = {1: "a position is outside the RoPE table", 2: "a slot is outside the cache",
-                      3: "a context length is outside [1, blocks * block_size]", 4: "a block id is outside the cache",
-                      5: "a token id is outside the vocabulary", 6: "out of memory for the step's activations"}
+STEP_ERRORS = {1: "a position is outside the RoPE table", 2: "a slot is outside the cache",
+               3: "a position is past its block table", 4: "a block id is outside the cache",
+               5: "a token id is outside the vocabulary", 6: "out of memory for the step's activations",
+               7: "a row's sequence index is outside the block tables",
+               8: "an output row is outside the step (or more output rows than rows)"}
 
 
 def _is_int8(w) -> bool:
     return type(w) is not torch.Tensor and hasattr(w, "q") and hasattr(w, "scale")  # quant.Int8Weight
 
 
-def decode_step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor) -> str | None:
-    """Why `FusedDecode` cannot run these (None if it can). weights: an `engine.ModelWeights`, float32
+def step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor) -> str | None:
+    """Why `FusedStep` cannot run these (None if it can). weights: an `engine.ModelWeights`, float32
     or with int8 matrices (`quant.Int8Weight`, taken by the w8a16 kernel: in_features % 16 == 0);
     k_cache, v_cache: (n_layers, NB, bs, Hkv, hd); rope_table: (max_pos, hd/2) complex64."""
     c = weights.config
@@ -410,23 +412,23 @@ def matmul_packed(x: torch.Tensor, packed: torch.Tensor, n: int, out: torch.Tens
     return y
 
 
-class FusedDecode:
-    """A whole decode step as one C call (`decode_step_f32` in kernels/ops_avx2.c): embedding, every
+class FusedStep:
+    """A whole engine step as one C call (`forward_step_f32` in kernels/ops_avx2.c): embedding, every
     layer (RMSNorm, QKV, RoPE with the cache write, paged attention, Wo, RMSNorm, SwiGLU FFN, both
-    residual adds) and the LM head, for B sequences with one new token each.
+    residual adds) and the LM head, for any mix of decode rows and prefill chunks.
 
     Built once per engine from its weights, cache and RoPE table (it keeps references to them, and
     the C side holds their addresses). At its first step it makes its own copy of every float32
     weight matrix, packed in panels (`pack_panels`), so that the step reads each matrix in order,
     once, for any number of rows: one more copy of the float linear weights in memory, and a
     snapshot (the weights are not meant to change under an engine). int8 matrices (`quant.Int8Weight`) are
-    read in place by the w8a16 kernel. Raises ValueError (from `decode_step_problem`) for weights it
+    read in place by the w8a16 kernel. Raises ValueError (from `step_problem`) for weights it
     does not take, KernelUnavailable where the kernels cannot run.
     """
 
     def __init__(self, weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor):
         self._lib = _lib("ops_avx2")
-        _fail("FusedDecode", decode_step_problem(weights, k_cache, v_cache, rope_table))
+        _fail("FusedStep", step_problem(weights, k_cache, v_cache, rope_table))
         self._args = (weights, k_cache, v_cache, rope_table)
         self._model_ptr = None  # built at the first step: an engine that never decodes packs nothing
         self.vocab = weights.config.vocab_size
@@ -457,7 +459,7 @@ class FusedDecode:
         emb, emb_scale = (emb.q.contiguous(), emb.scale.contiguous()) if _is_int8(emb) else (emb, None)
         keep += [emb, emb_scale]
         NB, bs = k_cache.shape[1:3]
-        self._model = _DecodeModel(
+        self._model = _StepModel(
             c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, weights.layers[0].w2.shape[1], c.vocab_size,
             bs, NB, table.shape[0], emb.data_ptr(), 0 if emb_scale is None else emb_scale.data_ptr(),
             emb.stride(0), emb.stride(1), ctypes.cast(self._layers, _P), weights.norm.data_ptr(), *output,
@@ -465,25 +467,32 @@ class FusedDecode:
         self._keep = (table, keep)  # what the addresses point into (with self._args)
         self._model_ptr = ctypes.addressof(self._model)
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor) -> torch.Tensor:
-        """tokens, pos, slots, context_lens: (B,) integer; block_tables: (B, W) integer; CPU tensors.
-        Appends each token's k and v to the cache and returns the logits (B, V) float32. Raises
-        ValueError (nothing written) for mismatched shapes, or ids, positions, slots, lengths or block
-        ids out of range."""
-        B = tokens.shape[0] if tokens.dim() == 1 else -1
-        if (B < 1 or pos.shape != (B,) or slots.shape != (B,) or context_lens.shape != (B,) or block_tables.dim() != 2
-                or block_tables.shape[0] != B or not _int_cpu(tokens, pos, slots, block_tables, context_lens)):
-            raise ValueError("FusedDecode: tokens, pos, slots, context_lens (B,) and block_tables (B, W), "
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, row_table: torch.Tensor,
+                 block_tables: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
+        """Run one step of N token rows of B sequences.
+
+        tokens, pos, slots, row_table: (N,) integer: row n is token tokens[n] at position pos[n] of
+        sequence row_table[n], cached at slot slots[n]; it attends to that sequence's positions
+        0..pos[n]. block_tables: (B, W) integer, each sequence's blocks. out_rows: (R,) integer, the
+        rows whose logits are returned. CPU tensors. Writes every row's k and v to the cache and
+        returns the logits (R, V) float32. Raises ValueError (with nothing written) for mismatched
+        shapes, or ids, positions, slots, block ids or rows out of range.
+        """
+        N = tokens.shape[0] if tokens.dim() == 1 else -1
+        if (N < 1 or pos.shape != (N,) or slots.shape != (N,) or row_table.shape != (N,) or block_tables.dim() != 2
+                or out_rows.dim() != 1 or not _int_cpu(tokens, pos, slots, row_table, block_tables, out_rows)):
+            raise ValueError("FusedStep: tokens, pos, slots, row_table (N,), block_tables (B, W) and out_rows (R,), "
                              "integer tensors on the CPU, expected")
-        tokens, pos, slots = _index(tokens), _index(pos), _index(slots)
-        block_tables, context_lens = _index(block_tables), _index(context_lens)
+        tokens, pos, slots, row_table = _index(tokens), _index(pos), _index(slots), _index(row_table)
+        block_tables, out_rows = _index(block_tables), _index(out_rows)
         if self._model_ptr is None:
             self._build()
-        logits = torch.empty(B, self.vocab, dtype=torch.float32)
-        err = self._lib.decode_step_f32(self._model_ptr, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
-                                        block_tables.data_ptr(), context_lens.data_ptr(), logits.data_ptr(),
-                                        B, block_tables.shape[1], torch.get_num_threads())
+        R = out_rows.shape[0]
+        logits = torch.empty(R, self.vocab, dtype=torch.float32)
+        err = self._lib.forward_step_f32(self._model_ptr, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
+                                         row_table.data_ptr(), block_tables.data_ptr(), out_rows.data_ptr(),
+                                         logits.data_ptr(), N, block_tables.shape[0], R, block_tables.shape[1],
+                                         torch.get_num_threads())
         if err:
-            raise ValueError(f"FusedDecode: {DECODE_STEP_ERRORS.get(err, f'error {err}')}")
+            raise ValueError(f"FusedStep: {STEP_ERRORS.get(err, f'error {err}')}")
         return logits

@@ -196,14 +196,12 @@ class Engine:
         weights: the model; the engine, its cache and every tensor it makes live on its device.
         n_blocks / block_size: cache geometry; default room for 4 full-length sequences.
         backend: op set from `ops.BACKENDS` ("torch", "cpu", "cpu-gemv"), or "auto" (`ops.get_ops`).
-        fuse_decode: run a step of at most FUSED_MAX_ROWS one-token chunks as one call where the
-            backend has a fused decode step (`ops.CpuOps.fused_decode`); False: always op by op.
+        fused: run each step as one call where the backend has a fused step (`ops.CpuOps.fused_step`:
+            the C kernels, float32 or int8 weights); False: always op by op.
     """
 
-    FUSED_MAX_ROWS = 16
-
     def __init__(self, weights: ModelWeights, n_blocks: int | None = None, block_size: int = 16,
-                 backend: str = "auto", fuse_decode: bool = True):
+                 backend: str = "auto", fused: bool = True):
         c = weights.config
         self.weights, self.config = weights, c
         self.device = weights.device
@@ -215,7 +213,7 @@ class Engine:
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
         real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
         self.rope_freqs = torch.complex(cos.to(real), sin.to(real)).to(self.device)  # cos + i sin, (max_seq_len, hd/2)
-        self.fused = self.ops.fused_decode(weights, self.cache.k, self.cache.v, self.rope_freqs) if fuse_decode else None
+        self.fused = self.ops.fused_step(weights, self.cache.k, self.cache.v, self.rope_freqs) if fused else None
         self._ids = itertools.count()
 
     # --- the forward ---------------------------------------------------------------------------
@@ -270,23 +268,29 @@ class Engine:
             slots.extend(mgr.append(ch.seq, len(ch.tokens)))
         N = len(tokens)
         dev = self.device
+        if self.fused is not None and N > 0 and (not self.fused.int8 or quant.INT8_ROUTE == "w8a16"):
+            # The whole step in one C call (cpu_kernels.FusedStep). Its int8 matmul is the w8a16
+            # route's, so under another route (the bench compares them) the step runs op by op.
+            row_seq = [j for j, ch in enumerate(chunks) for _ in ch.tokens]  # each row's chunk
+            bounds = list(itertools.accumulate((len(ch.tokens) for ch in chunks), initial=0))
+            out_rows = range(N) if all_logits else [b - 1 for b in bounds[1:]]
+            tok, pos, slot, seq = torch.tensor([tokens, positions, slots, row_seq], dtype=torch.long)
+            logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.tensor(out_rows, dtype=torch.long))
+            outs = ([logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits
+                    else list(logits.unbind(0)))
+            return self._unsort(outs, order)
         tok, pos, slot = torch.tensor([tokens, positions, slots], dtype=torch.long, device=dev)  # one upload
         # The reference's batched decode attention pads every sequence to the longest one in its call.
         # Mixing short and long contexts (what continuous batching does) would waste up to half of that
         # work, so the decode rows, sorted by length, go in up to DECODE_GROUPS calls of similar
         # lengths. A backend that reads each sequence's own blocks in place (`pads_decode = False`,
         # the C kernel) takes them all in one call.
-        if (self.fused is not None and 0 < N == len(chunks) <= self.FUSED_MAX_ROWS and not all_logits
-                and (not self.fused.int8 or quant.INT8_ROUTE == "w8a16")):
-            # one token per chunk: the whole step in one call (cpu_kernels.FusedDecode; its int8 matmul
-            # is the w8a16 route's, so other routes, which the bench compares, run op by op)
-            outs = list(self.fused(tok, pos, slot, *self._tables(chunks)).unbind(0))  # B x (V,)
-            return self._unsort(outs, order)
         dec_groups = []  # (first row, end row, block tables (b, width), context lengths (b,))
         n_groups = min(DECODE_GROUPS if ops.pads_decode else 1, -(-n_dec // DECODE_GROUP_MIN))
         for g in range(n_groups):
             r0, r1 = g * n_dec // n_groups, (g + 1) * n_dec // n_groups
-            dec_groups.append((r0, r1, *self._tables(chunks[r0:r1])))
+            dec_groups.append((r0, r1, self._tables(chunks[r0:r1]),
+                               torch.tensor([ch.start_pos + 1 for ch in chunks[r0:r1]], dtype=torch.long, device=dev)))
         prefills, row = [], n_dec  # (first row, T, start_pos, block table)
         for ch in chunks[n_dec:]:
             prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq)))
@@ -323,13 +327,11 @@ class Engine:
             outs = list(ops.linear(h, self.weights.output).unbind(0))  # B x (V,)
         return self._unsort(outs, order)
 
-    def _tables(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables (B, width), padded with block 0, and context lengths (B,) of one-token chunks
-        whose tokens are already appended to the cache."""
+    def _tables(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """The chunks' sequences' block tables (B, width), padded with block 0."""
         tables = [self.cache.manager.tables[ch.seq] for ch in chunks]
         width = max(map(len, tables))
-        return (torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device),
-                torch.tensor([ch.start_pos + 1 for ch in chunks], dtype=torch.long, device=self.device))
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
 
     @staticmethod
     def _unsort(outs: list[torch.Tensor], order: list[int]) -> list[torch.Tensor]:

@@ -95,8 +95,8 @@ class TorchOps:
         return q, k, v
 
     @staticmethod
-    def fused_decode(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor):
-        """A callable that runs a whole decode step at once (see `cpu_kernels.FusedDecode`) for these
+    def fused_step(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor):
+        """A callable that runs a whole engine step at once (see `cpu_kernels.FusedStep`) for these
         weights, cache (n_layers, NB, bs, Hkv, hd) and RoPE table, or None where the backend has none
         or cannot take them; the engine then runs the step op by op. The reference has none."""
         return None
@@ -199,9 +199,9 @@ class CpuOps(TorchOps):
 
 
     @staticmethod
-    def fused_decode(weights, k_cache, v_cache, rope_table):
-        if cpu_kernels.decode_step_problem(weights, k_cache, v_cache, rope_table) is None:
-            return cpu_kernels.FusedDecode(weights, k_cache, v_cache, rope_table)
+    def fused_step(weights, k_cache, v_cache, rope_table):
+        if cpu_kernels.step_problem(weights, k_cache, v_cache, rope_table) is None:
+            return cpu_kernels.FusedStep(weights, k_cache, v_cache, rope_table)
         return None
 
 
@@ -214,7 +214,7 @@ class CpuGemvOps(CpuOps):
 
     name = "cpu-gemv"
     GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
-    fused_decode = TorchOps.fused_decode  # none: this backend is the op-by-op GEMV, measured by `probes gemv`
+    fused_step = TorchOps.fused_step  # none: this backend is the op-by-op GEMV, measured by `probes gemv`
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:

@@ -110,7 +110,7 @@ def probe_gemv(preset: str, rounds: int) -> None:
     torch.manual_seed(0)
     weights = ModelWeights.from_model(Transformer(c))
     # op by op on both (the fused step has its own matmul): the GEMV is the only difference
-    engines = {"cpu": Engine(weights, backend="cpu", fuse_decode=False), "cpu-gemv": Engine(weights, backend="cpu-gemv")}
+    engines = {"cpu": Engine(weights, backend="cpu", fused=False), "cpu-gemv": Engine(weights, backend="cpu-gemv")}
     med = decode_step_ms(engines, rounds * 4, min(c.max_seq_len, 200))
     print(f"  engine decode step, batch 1: cpu (MKL GEMV) {med['cpu']:.3f} ms, cpu-gemv {med['cpu-gemv']:.3f} ms "
           f"({med['cpu'] / med['cpu-gemv']:.2f}x)")
@@ -166,7 +166,7 @@ def probe_fused(preset: str, rows: list[int], rounds: int, context: int) -> None
     weights = ModelWeights.from_model(Transformer(c))
     n_blocks = max(rows) * -(-(context + 1) // 16) + 1
     engines = {"fused": Engine(weights, n_blocks, backend="cpu"),
-               "op by op": Engine(weights, n_blocks, backend="cpu", fuse_decode=False),
+               "op by op": Engine(weights, n_blocks, backend="cpu", fused=False),
                "torch ops": Engine(weights, n_blocks, backend="torch")}
     print(f"{preset}: decode step, ms, {context} tokens of context per sequence, median of {rounds} interleaved rounds")
     print(f"  {'rows':>5s} {'fused':>8s} {'op by op':>9s} {'torch ops':>10s} {'fused vs op by op':>18s} {'vs torch ops':>13s}")

@@ -19,6 +19,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -287,17 +288,24 @@ static inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4
 
 #define HD_CHUNK 64  /* head-dim floats whose output accumulates in registers (8 vectors) */
 
-/* Decode attention for B sequences whose tables and lengths are already checked (see below).
+/* Attention of B query rows, each over the first lens[b] cached positions of its sequence, read in
+ * place through its block table: tables + (row_table ? row_table[b] : b) * W (a prefill chunk's rows
+ * share their sequence's table and see one more position each, which makes them causal). Tables and
+ * lengths are already checked (see below). With n_threads > 1 the rows are split over OpenMP
+ * threads, each with its own W * bs floats of `scores`.
  * Scores go 8 keys at a time: eight dot products side by side, added across lanes together (hsum8),
  * since a lone dot product of a short head would spend more on its final sum than on its products.
  * The weighted sum of values keeps up to HD_CHUNK output floats in registers over all positions. */
 static void attend_rows(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
-                        const int64_t *lens, float *out, float *scores, int64_t B, int64_t H, int64_t Hkv,
-                        int64_t hd, int64_t bs, int64_t W, int64_t q_stride, float scale) {
+                        const int64_t *row_table, const int64_t *lens, float *out, float *scores_all, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t hd, int64_t bs, int64_t W, int64_t q_stride, float scale,
+                        int64_t n_threads) {
     int64_t group = H / Hkv, row = Hkv * hd;  /* floats per cached token */
     __m256 scale_v = _mm256_set1_ps(scale);
+    #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
     for (int64_t b = 0; b < B; b++) {
-        const int64_t *table = tables + b * W;
+        float *scores = scores_all + (n_threads > 1 ? omp_get_thread_num() : 0) * W * bs;
+        const int64_t *table = tables + (row_table ? row_table[b] : b) * W;
         int64_t S = lens[b];
         for (int64_t h = 0; h < H; h++) {
             int64_t kvh = h / group;
@@ -362,7 +370,7 @@ int64_t paged_decode_attention_f32(const float *q, const float *k_cache, const f
                                    int64_t B, int64_t H, int64_t Hkv, int64_t hd, int64_t bs, int64_t W,
                                    int64_t NB, int64_t q_stride, float scale) {
     int64_t err = check_tables(tables, lens, B, bs, W, NB);
-    if (err == 0) attend_rows(q, k_cache, v_cache, tables, lens, out, scores, B, H, Hkv, hd, bs, W, q_stride, scale);
+    if (err == 0) attend_rows(q, k_cache, v_cache, tables, NULL, lens, out, scores, B, H, Hkv, hd, bs, W, q_stride, scale, 1);
     return err;
 }
 
@@ -378,7 +386,7 @@ int64_t paged_decode_attention_f32(const float *q, const float *k_cache, const f
  *   logits = RMSNorm(x) Wout^T
  *
  * float32, every weight matrix stored column-major (engine.gemv_layout), the model described once by a
- * DecodeModel that Python builds when the engine is made (cpu_kernels.FusedDecode). */
+ * StepModel that Python builds when the engine is made (cpu_kernels.FusedDecode). */
 
 /* From w8a16_avx2.c, built into the same library: y (M, N) = x @ (q * scale)^T, x rounded per row to
  * int16 (xq, sx: scratch of M x K and M). */
@@ -399,7 +407,7 @@ typedef struct {
     const float *rope;                        /* (max_pos, hd/2, 2): cos, sin */
     int64_t parallel_min;                     /* split a matmul over threads from this many weights */
     float eps;
-} DecodeModel;
+} StepModel;
 
 typedef struct {  /* a step's scratch: int16 activations and their scales for the int8 matmul */
     int16_t *xq;
@@ -435,51 +443,77 @@ static void swiglu_rows(const float *gu, float *act, int64_t B, int64_t F) {
     }
 }
 
-/* One decode step for B sequences: tokens, pos, slots, lens (B,), tables (B, W), all int64; logits
- * (B, V). Sequence b's new token sits at position pos[b] and cache slot slots[b], and it attends to
- * lens[b] cached positions (its own included) through tables[b]. n_threads: torch's thread count.
- * Returns 0, or before writing anything: 1 a position outside [0, max_pos), 2 a slot outside the
- * cache, 3 a length outside [1, W * bs], 4 a block id outside [0, NB), 5 a token id outside [0, V),
- * 6 out of memory. */
-int64_t decode_step_f32(const DecodeModel *m, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
-                        const int64_t *tables, const int64_t *lens, float *logits, int64_t B, int64_t W,
-                        int64_t n_threads) {
+/* One step of the model over N token rows of B sequences (any mix of decode rows and prefill chunks):
+ * tokens, pos, slots (N,): row n is token tokens[n] at position pos[n] of sequence row_table[n],
+ * stored at cache slot slots[n]; tables (B, W): each sequence's block table; it attends to positions
+ * 0..pos[n] of its sequence (its own chunk's earlier rows included: every row's k and v are written
+ * before any row attends). out_rows (R,): the rows whose logits go to logits (R, V). n_threads:
+ * torch's thread count. Returns 0, or before writing anything: 1 a position outside [0, max_pos),
+ * 2 a slot outside the cache, 3 a position past the table's W * bs, 4 a block id outside [0, NB),
+ * 5 a token id outside [0, V), 6 out of memory, 7 a row_table entry outside [0, B), 8 an out_rows
+ * entry outside [0, N) or R > N. */
+int64_t forward_step_f32(const StepModel *m, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
+                         const int64_t *row_table, const int64_t *tables, const int64_t *out_rows, float *logits,
+                         int64_t N, int64_t B, int64_t R, int64_t W, int64_t n_threads) {
     int64_t D = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim, F = m->ffn_dim, V = m->vocab;
     int64_t Wqkv = (H + 2 * Hkv) * hd, bs = m->block_size;
-    int64_t err = check_pos_slots(pos, slots, B, m->max_pos, m->n_blocks * bs);
+    int64_t err = check_pos_slots(pos, slots, N, m->max_pos, m->n_blocks * bs);
     if (err) return err;
-    if ((err = check_tables(tables, lens, B, bs, W, m->n_blocks))) return err + 2;
-    for (int64_t b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= V) return 5;
+    if (R > N) return 8;
+    for (int64_t r = 0; r < R; r++)
+        if (out_rows[r] < 0 || out_rows[r] >= N) return 8;
+    for (int64_t n = 0; n < N; n++) {
+        if (tokens[n] < 0 || tokens[n] >= V) return 5;
+        if (row_table[n] < 0 || row_table[n] >= B) return 7;
+        if (pos[n] + 1 > W * bs) return 3;
+    }
     int64_t kmax = D > H * hd ? D : H * hd;
     if (F > kmax) kmax = F;
-    float *buf = malloc(sizeof(float) * (B * (2 * D + Wqkv + H * hd + 3 * F + 1) + W * bs) + sizeof(int16_t) * B * kmax);
+    int64_t nt = n_threads > 1 ? n_threads : 1;
+    size_t floats = (size_t)N * (2 * D + Wqkv + H * hd + 3 * F + 1) + (size_t)nt * W * bs;
+    int64_t *buf = malloc(sizeof(int64_t) * (N + B) + sizeof(float) * floats + sizeof(int16_t) * N * kmax);
     if (!buf) return 6;
-    float *x = buf, *h = x + B * D, *qkv = h + B * D, *att = qkv + B * Wqkv, *gu = att + B * H * hd;
-    float *act = gu + B * 2 * F, *scores = act + B * F;
-    Int8Scratch s8 = {(int16_t *)(scores + W * bs + B), scores + W * bs};
-#define THREADS(n_weights) ((n_weights) >= m->parallel_min ? n_threads : 1)
-    for (int64_t b = 0; b < B; b++) {
-        int64_t t = tokens[b] * m->emb_stride_tok;
+    int64_t *lens = buf, *longest = lens + N;  /* int64 first, then float, then int16: each aligned */
+    float *x = (float *)(longest + B), *h = x + N * D, *qkv = h + N * D, *att = qkv + N * Wqkv;
+    float *gu = att + N * H * hd, *act = gu + N * 2 * F, *sx = act + N * F, *scores = sx + N;
+    Int8Scratch s8 = {(int16_t *)(scores + nt * W * bs), sx};
+    int64_t keys = 0;  /* the step's attention work, in cached positions read */
+    for (int64_t b = 0; b < B; b++) longest[b] = 0;
+    for (int64_t n = 0; n < N; n++) {
+        lens[n] = pos[n] + 1;
+        keys += lens[n];
+        if (lens[n] > longest[row_table[n]]) longest[row_table[n]] = lens[n];
+    }
+    for (int64_t b = 0; b < B; b++)  /* each block a row will read: in the cache */
+        for (int64_t j = 0; j < (longest[b] + bs - 1) / bs; j++)
+            if (tables[b * W + j] < 0 || tables[b * W + j] >= m->n_blocks) {
+                free(buf);
+                return 4;
+            }
+#define THREADS(work) ((work) >= m->parallel_min ? n_threads : 1)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t t = tokens[n] * m->emb_stride_tok;
         for (int64_t i = 0; i < D; i++)
-            x[b * D + i] = m->emb_scale ? ((const int8_t *)m->tok_embeddings)[t + i * m->emb_stride_dim] * m->emb_scale[tokens[b]]
+            x[n * D + i] = m->emb_scale ? ((const int8_t *)m->tok_embeddings)[t + i * m->emb_stride_dim] * m->emb_scale[tokens[n]]
                                         : ((const float *)m->tok_embeddings)[t + i * m->emb_stride_dim];
     }
+    float scale = (float)(1.0 / sqrt((double)hd));
     for (int64_t l = 0; l < m->n_layers; l++) {
         const void *const *w = m->layers + 12 * l;
         float *kc = (float *)w[10], *vc = (float *)w[11];
-        rmsnorm_f32(x, w[0], h, B, D, m->eps);
-        linear(h, w[1], w[2], qkv, NULL, B, Wqkv, D, 0, THREADS(Wqkv * D), &s8);
-        rope_rows(qkv, qkv, m->rope, pos, slots, kc, vc, B, H, Hkv, hd);
-        attend_rows(qkv, kc, vc, tables, lens, att, scores, B, H, Hkv, hd, bs, W, Wqkv, (float)(1.0 / sqrt((double)hd)));
-        linear(att, w[3], w[4], x, h, B, D, H * hd, 1, THREADS(D * H * hd), &s8);  /* h is free: tmp */
-        rmsnorm_f32(x, w[5], h, B, D, m->eps);
-        linear(h, w[6], w[7], gu, NULL, B, 2 * F, D, 0, THREADS(2 * F * D), &s8);
-        swiglu_rows(gu, act, B, F);
-        linear(act, w[8], w[9], x, h, B, D, F, 1, THREADS(D * F), &s8);
+        rmsnorm_f32(x, w[0], h, N, D, m->eps);
+        linear(h, w[1], w[2], qkv, NULL, N, Wqkv, D, 0, THREADS(N * Wqkv * D), &s8);
+        rope_rows(qkv, qkv, m->rope, pos, slots, kc, vc, N, H, Hkv, hd);
+        attend_rows(qkv, kc, vc, tables, row_table, lens, att, scores, N, H, Hkv, hd, bs, W, Wqkv, scale,
+                    N > 1 ? THREADS(keys * H * hd) : 1);
+        linear(att, w[3], w[4], x, h, N, D, H * hd, 1, THREADS(N * D * H * hd), &s8);  /* h is free: tmp */
+        rmsnorm_f32(x, w[5], h, N, D, m->eps);
+        linear(h, w[6], w[7], gu, NULL, N, 2 * F, D, 0, THREADS(N * 2 * F * D), &s8);
+        swiglu_rows(gu, act, N, F);
+        linear(act, w[8], w[9], x, h, N, D, F, 1, THREADS(N * D * F), &s8);
     }
-    rmsnorm_f32(x, m->norm, h, B, D, m->eps);
-    linear(h, m->output, m->output_scale, logits, NULL, B, V, D, 0, THREADS(V * D), &s8);
+    for (int64_t r = 0; r < R; r++) rmsnorm_f32(x + out_rows[r] * D, m->norm, h + r * D, 1, D, m->eps);
+    linear(h, m->output, m->output_scale, logits, NULL, R, V, D, 0, THREADS(R * V * D), &s8);
 #undef THREADS
     free(buf);
     return 0;
