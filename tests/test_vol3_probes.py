@@ -59,3 +59,17 @@ def test_gemv_probe_prints_both_and_the_auto_choice(capsys):
         assert "tiny: 9 matrices" in out and "C GEMV" in out and "cpu-gemv" in out
     else:
         assert "cannot run here" in out
+
+
+def test_fused_probe_prints_every_row_count_and_keeps_the_context(capsys):
+    from vol3_inference import cpu_kernels
+
+    assert probes.main(["fused", "--presets", "tiny", "--rows", "1,3", "--rounds", "1", "--context", "20"]) == 0
+    out = capsys.readouterr().out
+    if cpu_kernels.unavailable("ops_avx2") is None:
+        assert "20 tokens of context" in out and "fused vs op by op" in out
+        rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
+        assert rows == ["1", "3"]
+    else:
+        assert "cannot run here" in out
+    assert probes.main(["fused", "--context", "0"]) == 2

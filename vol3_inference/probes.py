@@ -1,7 +1,8 @@
-"""Three measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
+"""Four measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
 
     python -m vol3_inference.probes layout     # fp32 weights row-major vs column-major (engine.gemv_layout)
     python -m vol3_inference.probes gemv       # the C fp32 decode GEMV vs MKL (ops.CpuGemvOps)
+    python -m vol3_inference.probes fused      # the fused C step vs the same ops called one by one
     python -m vol3_inference.probes compile    # torch.compile of the decode step, and of the small ops
 
 `layout` times the matrix-vector products of one decode step — every weight matrix of a model, cycled
@@ -13,6 +14,11 @@ rows; then the engine's whole decode step with each layout, interleaved.
 C kernel of the "cpu-gemv" backend (`cpu_kernels.gemv_colmajor`); then the engine's decode step on
 the "cpu" backend (MKL for the GEMV) and on "cpu-gemv", interleaved. The two came out about even,
 so `ops.get_ops("auto")` keeps MKL ("cpu").
+
+`fused` times a decode step of 1-16 sequences (random weights of each preset, a fixed context: each
+step is rolled back with `BlockManager.truncate`) three ways, interleaved, 20 steps in a row per round:
+the engine's default, one fused C call per step (`cpu_kernels.FusedStep`); the same "cpu" ops called
+one by one (`Engine(fused=False)`); and the PyTorch reference ops.
 
 `compile` asks whether `torch.compile` pays for the decode step on this CPU: (1) the whole batch-1 step
 written with static shapes (the block table padded to max_seq_len, a mask instead of a cut, so one graph
