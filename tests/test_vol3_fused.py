@@ -219,3 +219,32 @@ def test_an_empty_step_and_a_scalar_token_are_handled():
     table = engine.cache.block_table("s")[None]
     with pytest.raises(ValueError, match="integer tensors"):
         engine.fused(torch.tensor(7), torch.tensor([3]), torch.tensor([3]), torch.tensor([0]), table, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["fp32", "int8"])
+def test_a_request_gets_the_same_logits_bit_for_bit_alone_in_a_batch_or_chunked(quant):
+    """The fused step is batch-invariant: every op works per row, the packed matmul sums an output in
+    the same order however many rows share its block, and int8 sums are exact. So a sequence's logits
+    are identical, to the last bit, when its prompt is prefilled at once, in chunks of 3 next to other
+    requests, or token by token, and when it decodes alone or among others."""
+    w = ModelWeights.from_model(model_for(BASE, seed=5))
+    w = w.quantize() if quant else w
+    prompt = [int(t) for t in torch.randint(0, BASE.vocab_size, (11,), generator=torch.Generator().manual_seed(5))]
+    alone = Engine(w, n_blocks=64, block_size=4, backend="cpu")
+    ref = alone.prefill("s", prompt, all_logits=True)  # (11, V) at once
+    dec_alone = alone.forward([Chunk("s", [7], 11)])[0]
+
+    crowd = Engine(w, n_blocks=64, block_size=4, backend="cpu")
+    for i in range(5):
+        crowd.prefill(i, list(range(1 + i, 6 + 2 * i)))
+    got = []
+    for s in range(0, 11, 3):  # "s" in chunks of 3, each step shared with decode rows and another prefill
+        others = [Chunk(i, [3], crowd.cache.length(i)) for i in range(5)] + [Chunk(("x", s), [1, 2, 3, 4, 5], 0)]
+        got.append(crowd.forward([*others[:2], Chunk("s", prompt[s:s + 3], s), *others[2:]], all_logits=True)[2])
+    assert torch.equal(torch.cat(got), ref)
+    batch = crowd.forward([Chunk(i, [4], crowd.cache.length(i)) for i in range(3)] + [Chunk("s", [7], 11)])
+    assert torch.equal(batch[3], dec_alone)
+
+    one_by_one = Engine(w, n_blocks=64, block_size=4, backend="cpu")
+    steps = torch.stack([one_by_one.forward([Chunk("s", [t], p)])[0] for p, t in enumerate(prompt)])
+    assert torch.equal(steps, ref)

@@ -226,3 +226,48 @@ def test_float32_on_the_c_kernels_under_preemption_equals_solo(policy):
         assert done[i].token_ids == Engine(w32, backend=engine.backend).generate(p, params), (policy, i)
     engine.cache.manager.check()
     assert engine.cache.manager.used_blocks == 0
+
+
+def record_logits(engine: Engine) -> dict:
+    """Wrap engine.forward to keep every chunk's last-row logits, keyed (sequence, position)."""
+    seen: dict = {}
+    forward = engine.forward
+
+    def recording(chunks, all_logits=False):
+        out = forward(chunks, all_logits)
+        for ch, z in zip(chunks, out, strict=True):
+            seen.setdefault((ch.seq, ch.start_pos + len(ch.tokens) - 1), []).append(z.clone())
+        return out
+
+    engine.forward = recording
+    return seen
+
+
+@pytest.mark.skipif(cpu_kernels.unavailable("ops_avx2") is not None, reason="needs the C kernels (the fused step)")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_float32_fused_serving_gives_each_request_its_solo_logits_bit_for_bit(policy):
+    """With the fused step, float32 serving is exact, not just close: the step is batch-invariant
+    (see tests/test_vol3_fused.py), so a request batched with others, its prompt prefilled in chunks,
+    preempted and prefilled again, sees at every position the very logits it sees served alone."""
+    torch.manual_seed(1)
+    w32 = ModelWeights.from_model(Transformer(CONFIG))
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (12, 5, 17, 9, 14, 3, 21, 8)]
+    params = SamplingParams(max_tokens=24)
+    runs = {}
+    for name, (n_blocks, max_batch, budget, pol) in {"batched": (16, 5, 7, policy),
+                                                     "solo": (64, 1, 64, "continuous")}.items():
+        engine = Engine(w32, n_blocks=n_blocks, block_size=4, backend="cpu")
+        seen = record_logits(engine)
+        sched = Scheduler(engine, max_batch=max_batch, max_step_tokens=budget, policy=pol)
+        for i, p in enumerate(prompts):
+            sched.add_request(p, params, request_id=i)
+        runs[name] = ({o.id: o.token_ids for o in sched.run() if o.finished}, seen, sched.n_preemptions)
+    (tokens, batched, preempted), (solo_tokens, solo, _) = runs["batched"], runs["solo"]
+    assert tokens == solo_tokens
+    if policy == "continuous":
+        assert preempted > 0
+    assert set(solo) <= set(batched)  # every position the solo run scored was scored batched too
+    for key, zs in batched.items():  # padding rows and re-prefills included: all equal, to the bit
+        for z in zs:
+            assert torch.equal(z, (solo.get(key) or zs)[0]), (policy, key)

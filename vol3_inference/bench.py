@@ -208,7 +208,7 @@ def int8_routes(device: torch.device) -> tuple[str, ...]:
     return INT8_COMPARED if device.type == "cpu" else ("int8pack_bf16", "dequant")
 
 
-def serving_int8_route(device: torch.device) -> str:
+def serving_int8_route() -> str:
     """The route of the 'continuous int8' serving run: the default, whose matmul the fused step runs
     (fbgemm's w8a8_dynamic is faster per batched matmul, but runs op by op: measured, it served about
     as fast on seed512 and 0.65x as fast on the trained model)."""
@@ -320,7 +320,7 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
                      "walls": [t[key]["wall_s"] for t in tries]}
     # The same scheduler on int8 weights (`serving_int8_route`); its tokens may differ from fp32's, so
     # it is not in `same`.
-    route = serving_int8_route(weights.device)
+    route = serving_int8_route()
     with int8_route(route):
         runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
                                               policy="continuous", max_step_tokens=512)

@@ -324,7 +324,7 @@ def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tenso
     return out.view(N, H + 2 * Hkv, hd).split_with_sizes([H, Hkv, Hkv], 1)  # one op for three views
 
 
-# --- the whole decode step ---------------------------------------------------------------------------
+# --- the whole step ---------------------------------------------------------------------------------
 
 
 class _StepModel(ctypes.Structure):
@@ -418,10 +418,10 @@ class FusedStep:
     residual adds) and the LM head, for any mix of decode rows and prefill chunks.
 
     Built once per engine from its weights, cache and RoPE table (it keeps references to them, and
-    the C side holds their addresses). At its first step it makes its own copy of every float32
-    weight matrix, packed in panels (`pack_panels`), so that the step reads each matrix in order,
-    once, for any number of rows: one more copy of the float linear weights in memory, and a
-    snapshot (the weights are not meant to change under an engine). int8 matrices (`quant.Int8Weight`) are
+    the C side holds their addresses). It makes its own copy of every float32 weight matrix, packed
+    in panels (`pack_panels`), so that the step reads each matrix in order, once, for any number of
+    rows: one more copy of the float linear weights in memory, and a snapshot (the weights are not
+    meant to change under an engine). int8 matrices (`quant.Int8Weight`) are
     read in place by the w8a16 kernel. Raises ValueError (from `step_problem`) for weights it
     does not take, KernelUnavailable where the kernels cannot run.
     """
@@ -429,14 +429,9 @@ class FusedStep:
     def __init__(self, weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor):
         self._lib = _lib("ops_avx2")
         _fail("FusedStep", step_problem(weights, k_cache, v_cache, rope_table))
-        self._args = (weights, k_cache, v_cache, rope_table)
-        self._model_ptr = None  # built at the first step: an engine that never decodes packs nothing
         self.vocab = weights.config.vocab_size
         self.int8 = any(_is_int8(m) for m in [weights.output] + [m for L in weights.layers
                                                                   for m in (L.wqkv, L.wo, L.w13, L.w2)])
-
-    def _build(self) -> None:
-        weights, k_cache, v_cache, rope_table = self._args
         c = weights.config
         table = torch.view_as_real(rope_table)  # (max_pos, hd/2, 2)
         keep = []
@@ -464,7 +459,7 @@ class FusedStep:
             bs, NB, table.shape[0], emb.data_ptr(), 0 if emb_scale is None else emb_scale.data_ptr(),
             emb.stride(0), emb.stride(1), ctypes.cast(self._layers, _P), weights.norm.data_ptr(), *output,
             table.data_ptr(), PARALLEL_MIN_WEIGHTS, c.norm_eps)
-        self._keep = (table, keep)  # what the addresses point into (with self._args)
+        self._keep = (weights, k_cache, v_cache, table, keep)  # what the addresses point into
         self._model_ptr = ctypes.addressof(self._model)
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, row_table: torch.Tensor,
@@ -476,7 +471,8 @@ class FusedStep:
         0..pos[n]. block_tables: (B, W) integer, each sequence's blocks. out_rows: (R,) integer, the
         rows whose logits are returned. CPU tensors. Writes every row's k and v to the cache and
         returns the logits (R, V) float32. Raises ValueError (with nothing written) for mismatched
-        shapes, or ids, positions, slots, block ids or rows out of range.
+        shapes, or ids, positions, slots, block ids or rows out of range; MemoryError if the step's
+        activations cannot be allocated.
         """
         N = tokens.shape[0] if tokens.dim() == 1 else -1
         if (N < 1 or pos.shape != (N,) or slots.shape != (N,) or row_table.shape != (N,) or block_tables.dim() != 2
@@ -485,8 +481,6 @@ class FusedStep:
                              "integer tensors on the CPU, expected")
         tokens, pos, slots, row_table = _index(tokens), _index(pos), _index(slots), _index(row_table)
         block_tables, out_rows = _index(block_tables), _index(out_rows)
-        if self._model_ptr is None:
-            self._build()
         R = out_rows.shape[0]
         logits = torch.empty(R, self.vocab, dtype=torch.float32)
         err = self._lib.forward_step_f32(self._model_ptr, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
@@ -494,5 +488,5 @@ class FusedStep:
                                          logits.data_ptr(), N, block_tables.shape[0], R, block_tables.shape[1],
                                          torch.get_num_threads())
         if err:
-            raise ValueError(f"FusedStep: {STEP_ERRORS.get(err, f'error {err}')}")
+            raise (MemoryError if err == 6 else ValueError)(f"FusedStep: {STEP_ERRORS.get(err, f'error {err}')}")
         return logits

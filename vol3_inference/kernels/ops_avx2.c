@@ -105,8 +105,11 @@ static void matmul_rows(const float *x, const float *wt, float *y, int64_t M, in
 /* MB (1..4) rows of x (MB, K) against one panel (K, 16): out[j, 0:16] = x[j] @ panel. The
  * accumulators stay in registers for the whole K loop, and each pair of weight vectors loaded serves
  * all MB rows, so with several rows the loop is bound by FMAs, not loads. An FMA takes about 5 cycles
- * to finish and two start per cycle, so ~10 independent sums must be in flight: NP phases (k mod NP)
- * accumulate separately and are added at the end. MB and NP are compile-time constants per copy. */
+ * to finish and two start per cycle, so several independent sums must be in flight: NP phases (k mod
+ * NP) accumulate separately and are added at the end. NP is the same for every MB, so an output is
+ * summed in the same order however many rows share its block: a row's result does not depend on the
+ * rest of the batch (batch-invariant; a test checks it bit for bit). NP = 1 at 4 rows and 4 at one row
+ * measured no faster. MB and NP are compile-time constants per copy. */
 #define PANEL_KERNEL(MB, NP)                                                                               \
     static void panel_##MB(const float *x, int64_t K, const float *panel, float *out) {                    \
         __m256 a0[NP][MB], a1[NP][MB];                                                                     \
@@ -141,10 +144,10 @@ static void matmul_rows(const float *x, const float *wt, float *y, int64_t M, in
             _mm256_storeu_ps(out + j * PANEL + 8, a1[0][j]);                                               \
         }                                                                                                  \
     }
-PANEL_KERNEL(1, 4)
+PANEL_KERNEL(1, 2)
 PANEL_KERNEL(2, 2)
 PANEL_KERNEL(3, 2)
-PANEL_KERNEL(4, 1)
+PANEL_KERNEL(4, 2)
 
 /* y (M, N) = x (M, K) @ W^T, or y += with `accumulate`, W packed (see above). Each panel runs over
  * every block of up to 4 rows while it is in L1/L2; panels are split over n_threads OpenMP threads in
@@ -374,19 +377,22 @@ int64_t paged_decode_attention_f32(const float *q, const float *k_cache, const f
     return err;
 }
 
-/* ---- A whole decode step in one call ---------------------------------------------------------------
+/* ---- A whole engine step in one call ---------------------------------------------------------------
  *
- * What Engine.forward does for a step of decode rows, without returning to Python between ops: at batch
- * 1 on a small model the per-op path spends more time in dispatch than in arithmetic (chapter 3,
- * "the fused decode step"). The same math, op for op:
+ * What Engine.forward does for a step (decode rows, prefill chunks, any mix), without returning to
+ * Python between ops: at batch 1 on a small model the op-by-op path spends more time in dispatch than
+ * in arithmetic (chapter 3, "the fused step"). The same math, op for op:
  *
  *   x = tok_embeddings[token]
  *   per layer: h = RMSNorm(x) ; qkv = h Wqkv^T ; RoPE on q, k and the cache write ; a = attention ;
  *              x += a Wo^T ; h = RMSNorm(x) ; [g | u] = h W13^T ; x += (silu(g) * u) W2^T
  *   logits = RMSNorm(x) Wout^T
  *
- * float32, every weight matrix stored column-major (engine.gemv_layout), the model described once by a
- * StepModel that Python builds when the engine is made (cpu_kernels.FusedDecode). */
+ * float32 activations; weight matrices float32 packed in panels (matmul_packed) or int8 (w8a16); the
+ * model described once by a StepModel that Python builds with the engine (cpu_kernels.FusedStep).
+ * Every row's result is independent of the other rows in the step (each op works per row, the
+ * matmuls are batch-invariant, the int8 sums are exact), so a request gets the same logits alone, in
+ * any batch, and with its prompt prefilled at once or in chunks. */
 
 /* From w8a16_avx2.c, built into the same library: y (M, N) = x @ (q * scale)^T, x rounded per row to
  * int16 (xq, sx: scratch of M x K and M). */
