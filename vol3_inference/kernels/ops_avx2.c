@@ -289,16 +289,70 @@ static inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-#define HD_CHUNK 64  /* head-dim floats whose output accumulates in registers (8 vectors) */
+/* out[0:n) = sum_t p[t] v_t[0:n) over the S cached positions of one head, walking the block table:
+ * block j holds positions j*bs .. j*bs + bs - 1 at vbase + table[j] * bs * row (no division per
+ * position). 32 output floats at a time stay in registers, in two sets of accumulators for even and
+ * odd positions, so that eight sums, not four, are in flight; then 8 at a time. n % 8 == 0. */
+static void weighted_values(const float *p, const float *vbase, const int64_t *table, int64_t S, int64_t bs,
+                            int64_t row, int64_t n, float inv, float *out) {
+    int64_t c = 0;
+    for (; c + 32 <= n; c += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t j = 0, s0 = 0; s0 < S; j++, s0 += bs) {
+            const float *vb = vbase + table[j] * bs * row + c;
+            int64_t m = S - s0 < bs ? S - s0 : bs, t = 0;
+            for (; t + 2 <= m; t += 2) {
+                const float *v = vb + t * row, *w = v + row;
+                __m256 pv = _mm256_set1_ps(p[s0 + t]), pw = _mm256_set1_ps(p[s0 + t + 1]);
+                a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v), a0);
+                a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8), a1);
+                a2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 16), a2);
+                a3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 24), a3);
+                b0 = _mm256_fmadd_ps(pw, _mm256_loadu_ps(w), b0);
+                b1 = _mm256_fmadd_ps(pw, _mm256_loadu_ps(w + 8), b1);
+                b2 = _mm256_fmadd_ps(pw, _mm256_loadu_ps(w + 16), b2);
+                b3 = _mm256_fmadd_ps(pw, _mm256_loadu_ps(w + 24), b3);
+            }
+            if (t < m) {
+                const float *v = vb + t * row;
+                __m256 pv = _mm256_set1_ps(p[s0 + t]);
+                a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v), a0);
+                a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8), a1);
+                a2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 16), a2);
+                a3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 24), a3);
+            }
+        }
+        __m256 iv = _mm256_set1_ps(inv);
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_add_ps(a0, b0), iv));
+        _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(_mm256_add_ps(a1, b1), iv));
+        _mm256_storeu_ps(out + c + 16, _mm256_mul_ps(_mm256_add_ps(a2, b2), iv));
+        _mm256_storeu_ps(out + c + 24, _mm256_mul_ps(_mm256_add_ps(a3, b3), iv));
+    }
+    for (; c < n; c += 8) {
+        __m256 a0 = _mm256_setzero_ps(), b0 = a0;
+        for (int64_t j = 0, s0 = 0; s0 < S; j++, s0 += bs) {
+            const float *vb = vbase + table[j] * bs * row + c;
+            int64_t m = S - s0 < bs ? S - s0 : bs, t = 0;
+            for (; t + 2 <= m; t += 2) {
+                a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s0 + t]), _mm256_loadu_ps(vb + t * row), a0);
+                b0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s0 + t + 1]), _mm256_loadu_ps(vb + (t + 1) * row), b0);
+            }
+            if (t < m) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s0 + t]), _mm256_loadu_ps(vb + t * row), a0);
+        }
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_add_ps(a0, b0), _mm256_set1_ps(inv)));
+    }
+}
 
 /* Attention of B query rows, each over the first lens[b] cached positions of its sequence, read in
  * place through its block table: tables + (row_table ? row_table[b] : b) * W (a prefill chunk's rows
  * share their sequence's table and see one more position each, which makes them causal). Tables and
  * lengths are already checked (see below). With n_threads > 1 the rows are split over OpenMP
  * threads, each with its own W * bs floats of `scores`.
- * Scores go 8 keys at a time: eight dot products side by side, added across lanes together (hsum8),
- * since a lone dot product of a short head would spend more on its final sum than on its products.
- * The weighted sum of values keeps up to HD_CHUNK output floats in registers over all positions. */
+ * Positions are walked block by block (a block's keys are contiguous), with no division per position.
+ * Scores go 8 keys of a block at a time: eight dot products side by side, added across lanes together
+ * (hsum8), since a lone dot product of a short head would spend more on its final sum than on its
+ * products. Every row's result depends on its own length and the block size only, never on the other
+ * rows. */
 static void attend_rows(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                         const int64_t *row_table, const int64_t *lens, float *out, float *scores_all, int64_t B,
                         int64_t H, int64_t Hkv, int64_t hd, int64_t bs, int64_t W, int64_t q_stride, float scale,
@@ -314,51 +368,41 @@ static void attend_rows(const float *q, const float *k_cache, const float *v_cac
             int64_t kvh = h / group;
             const float *qh = q + b * q_stride + h * hd;
             const float *kbase = k_cache + kvh * hd, *vbase = v_cache + kvh * hd;
-#define KEY(s) (kbase + (table[(s) / bs] * bs + (s) % bs) * row)
             __m256 mv = _mm256_set1_ps(-INFINITY);
-            int64_t s = 0;
-            for (; s + 8 <= S; s += 8) {
-                const float *k0 = KEY(s), *k1 = KEY(s + 1), *k2 = KEY(s + 2), *k3 = KEY(s + 3);
-                const float *k4 = KEY(s + 4), *k5 = KEY(s + 5), *k6 = KEY(s + 6), *k7 = KEY(s + 7);
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-                for (int64_t i = 0; i < hd; i += 8) {
-                    __m256 qi = _mm256_loadu_ps(qh + i);
-                    a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + i), a0);
-                    a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k1 + i), a1);
-                    a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k2 + i), a2);
-                    a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k3 + i), a3);
-                    a4 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k4 + i), a4);
-                    a5 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k5 + i), a5);
-                    a6 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k6 + i), a6);
-                    a7 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k7 + i), a7);
+            float m = -INFINITY;
+            for (int64_t j = 0, s0 = 0; s0 < S; j++, s0 += bs) {
+                const float *kb = kbase + table[j] * bs * row;
+                int64_t n = S - s0 < bs ? S - s0 : bs, t = 0;
+                for (; t + 8 <= n; t += 8) {
+                    const float *k0 = kb + t * row;
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                    for (int64_t i = 0; i < hd; i += 8) {
+                        __m256 qi = _mm256_loadu_ps(qh + i);
+                        a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + i), a0);
+                        a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + row + i), a1);
+                        a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 2 * row + i), a2);
+                        a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 3 * row + i), a3);
+                        a4 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 4 * row + i), a4);
+                        a5 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 5 * row + i), a5);
+                        a6 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 6 * row + i), a6);
+                        a7 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 7 * row + i), a7);
+                    }
+                    __m256 z = _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), scale_v);
+                    _mm256_storeu_ps(scores + s0 + t, z);
+                    mv = _mm256_max_ps(mv, z);
                 }
-                __m256 z = _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), scale_v);
-                _mm256_storeu_ps(scores + s, z);
-                mv = _mm256_max_ps(mv, z);
+                for (; t < n; t++) {
+                    float z = dot(qh, kb + t * row, hd) * scale;
+                    scores[s0 + t] = z;
+                    if (z > m) m = z;
+                }
             }
             __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
             m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-            for (; s < S; s++) {
-                float z = dot(qh, KEY(s), hd) * scale;
-                scores[s] = z;
-                if (z > m) m = z;
-            }
-#undef KEY
+            float mb = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            if (mb > m) m = mb;
             float inv = 1.0f / exp_shift_sum(scores, S, m);
-            float *o = out + (b * H + h) * hd;
-            for (int64_t c = 0; c < hd; c += HD_CHUNK) {
-                int64_t nv = (hd - c < HD_CHUNK ? hd - c : HD_CHUNK) / 8;
-                __m256 acc[HD_CHUNK / 8];
-                for (int64_t j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
-                for (int64_t t = 0; t < S; t++) {
-                    const float *v = vbase + (table[t / bs] * bs + t % bs) * row + c;
-                    __m256 p = _mm256_set1_ps(scores[t]);
-                    for (int64_t j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
-                }
-                __m256 iv = _mm256_set1_ps(inv);
-                for (int64_t j = 0; j < nv; j++) _mm256_storeu_ps(o + c + 8 * j, _mm256_mul_ps(acc[j], iv));
-            }
+            weighted_values(scores, vbase, table, S, bs, row, hd, inv, out + (b * H + h) * hd);
         }
     }
 }
