@@ -95,7 +95,7 @@ def test_bench_workload_and_serving_harness(tmp_path):
     work = [(p, min(n, 20)) for p, n in work]
     serving = bench.bench_serving(weights, work, max_batch=4, sweep=(2, 4), rounds=2)
     assert serving["outputs_identical"]
-    for k in bench.BATCHED:  # two alternating runs each, the kept one the faster
+    for k in ("sequential", *bench.BATCHED):  # two alternating runs each, the kept one the faster
         assert len(serving[k]["walls"]) == 2 and serving[k]["wall_s"] == min(serving[k]["walls"])
     for k in ("sequential", *bench.BATCHED):
         assert serving[k]["output_tokens"] == sum(n for _, n in work)

@@ -304,18 +304,22 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
     """Sequential vs padded static vs static vs continuous batching at `max_batch` slots (plus int8),
     then the three batched policies again at every other slot count in `sweep` (fp32 only, no traces).
 
-    The batched policies, whose ratios are the headline, run `rounds` times alternately and each
-    keeps its fastest run (load from other processes only ever slows a run down); every run's wall
-    time is kept under "walls". The sequential baseline and the sweep run once.
+    The sequential baseline and the batched policies, whose ratios are the headline, run `rounds`
+    times alternately and each keeps its fastest run (load from other processes only ever slows a run
+    down, and the machine's speed drifts: every policy gets the same chances); every run's wall time is
+    kept under "walls". The int8 run and the sweep run once.
     """
     def batched_runs(slots: int, trace: bool = False) -> dict[str, dict]:
         return {key: run_serving(weights, work, max_batch=slots, policy=policy,
                                  max_step_tokens=slots * per_slot if per_slot else 512, trace=trace)
                 for key, (policy, per_slot) in BATCHED.items()}
 
-    runs: dict = {"sequential": run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256)}
-    tries = [batched_runs(max_batch, trace=True) for _ in range(rounds)]
-    for key in BATCHED:
+    def sequential() -> dict:
+        return run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256)
+
+    tries = [{"sequential": sequential(), **batched_runs(max_batch, trace=True)} for _ in range(rounds)]
+    runs: dict = {}
+    for key in ("sequential", *BATCHED):
         runs[key] = {**min((t[key] for t in tries), key=lambda r: r["wall_s"]),
                      "walls": [t[key]["wall_s"] for t in tries]}
     # The same scheduler on int8 weights (`serving_int8_route`); its tokens may differ from fp32's, so
@@ -329,7 +333,7 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
     for slots in sorted(set(sweep) - {max_batch}):
         say(f"  ... the batched policies with {slots} batch slots")
         swept.append({"slots": slots, **batched_runs(slots)})
-    fp32_runs = [runs["sequential"], *(p[k] for p in [*tries, *swept] for k in BATCHED)]
+    fp32_runs = [*(t["sequential"] for t in tries), *(p[k] for p in [*tries, *swept] for k in BATCHED)]
     same = all(r["outputs"] == runs["sequential"]["outputs"] for r in fp32_runs)
     for r in [*runs.values(), *fp32_runs]:
         r.pop("outputs", None)
@@ -419,8 +423,8 @@ def print_serving(r: dict) -> None:
             f"{x['tpot_ms']['p50']:7.1f}/{x['tpot_ms']['p95']:<8.1f} {x['preemptions']:7d}")
     n_walls = len(s["static"].get("walls", []))
     if n_walls > 1:
-        say(f"  batched policies: the fastest of {n_walls} alternating runs (wall s: " + "; ".join(
-            f"{k} " + " / ".join(f"{w:.1f}" for w in s[k]["walls"]) for k in BATCHED) + ")")
+        say(f"  fp32 policies: the fastest of {n_walls} alternating runs (wall s: " + "; ".join(
+            f"{k} " + " / ".join(f"{w:.1f}" for w in s[k]["walls"]) for k in ("sequential", *BATCHED)) + ")")
     co = s["continuous"]["tok_s"]
     say(f"  continuous / static padded = {co / s['static padded']['tok_s']:.2f}x, continuous / static = "
         f"{co / s['static']['tok_s']:.2f}x; every request's tokens identical across the fp32 runs (sweep "
@@ -575,9 +579,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch slots (= KV memory) for static and continuous batching (trained)")
     p.add_argument("--seed512-max-batch", type=int, default=16, help="--max-batch for seed512")
     p.add_argument("--serving-rounds", type=int, default=2,
-                   help="alternating runs of the batched policies; each keeps its fastest (trained)")
+                   help="alternating runs of sequential and the batched policies; each keeps its fastest (trained)")
     p.add_argument("--seed512-serving-rounds", type=int, default=2,
-                   help="--serving-rounds for seed512 (a round of the three batched policies costs ~25 s there)")
+                   help="--serving-rounds for seed512 (a round costs ~55 s there, ~30 s of it sequential)")
     p.add_argument("--sweep", default="8",
                    help="more batch-slot counts at which the batched policies are rerun (trained; e.g. 8,32); '' for none")
     p.add_argument("--seed512-sweep", default="",
