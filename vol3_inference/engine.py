@@ -14,6 +14,11 @@ the linear layers; attention is the only op that needs to know which sequence a 
 decode rows go through one batched paged-attention call, each prefill chunk through causal attention
 over its own cached prefix.
 
+Where the op backend offers it (`ops.CpuOps.fused_step`, the C kernels on an x86 CPU), the whole step
+runs instead as one C call, `cpu_kernels.FusedStep`: the same math, op for op, without returning to
+Python between ops, and batch-invariant (a row's logits do not depend on the other rows). The op-by-op
+path below stays as the reference and the fallback (`Engine(fused=False)` forces it).
+
 Weights are held as plain tensors under fused names: wqkv = [wq; wk; wv] (one matmul instead of three)
 and w13 = [w1; w3] (gate and up). Fusing changes nothing numerically per output element.
 
