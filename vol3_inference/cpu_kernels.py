@@ -6,7 +6,9 @@ Two small libraries in `kernels/`:
     float32 activations (see `quant.py` and chapter 3, "int8 weights").
   * `ops_avx2.c`, RMSNorm, RoPE with the cache write, and paged decode attention as single calls:
     the "cpu" backend of `ops.py`, which cuts the per-op dispatch cost that dominates a small model's
-    decode step (and a fp32 decode GEMV for the opt-in "cpu-gemv" backend).
+    decode step (and a fp32 decode GEMV for the opt-in "cpu-gemv" backend); and the fused step,
+    `forward_step_f32` (`FusedStep` here), a whole engine step in one call, with a matmul on packed
+    weights. It is linked with `w8a16_avx2.c` (`LINKED`) for its int8 matrices.
 
 This module compiles each once per source version with `cc -O3 -mavx2 -mfma` into a cache folder
 (`$VOL3_KERNEL_CACHE`, default `~/.cache/llama-from-scratch/kernels`), loads it, and wraps it for

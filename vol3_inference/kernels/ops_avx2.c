@@ -14,8 +14,12 @@
  *   paged_decode_attention_f32: one query token per sequence against its cached keys and values,
  *     read in place through the block table (Kwon et al. 2023, PagedAttention, section 4.1): no
  *     gather, no padding. Softmax in two passes over a score buffer (max, then exp and sum).
+ *   matmul_packed_f32: y = x @ W^T with W packed in 16-column panels, the fused step's matmul.
+ *   forward_step_f32: a whole engine step (embedding, every layer, the LM head) for any mix of decode
+ *     rows and prefill chunks, built from the pieces above (see "A whole engine step" below).
  *
- * float32 only; the caller (vol3_inference/cpu_kernels.py) checks shapes, dtypes and contiguity.
+ * float32 activations; the caller (vol3_inference/cpu_kernels.py) checks shapes, dtypes and
+ * contiguity, and each kernel checks every index it reads through.
  */
 #include <immintrin.h>
 #include <math.h>
