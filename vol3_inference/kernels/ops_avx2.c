@@ -102,7 +102,7 @@ static void matmul_rows(const float *x, const float *wt, float *y, int64_t M, in
  * A panel is 64 bytes per k, read front to back; the whole matrix is read in order, once per call,
  * whatever the number of rows. (The column-major (K, N) layout read 16 columns at a time instead
  * jumps N floats per k: with N = 1024 or 2048 every line of a panel falls into the same L1 set and
- * a new page, and two rows measured 2.5x slower than one.) */
+ * a new page, and two rows measured two to three times slower than one.) */
 
 #define PANEL 16
 
