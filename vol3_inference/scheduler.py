@@ -266,23 +266,14 @@ class Scheduler:
             now = time.perf_counter()
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
-            ready = []  # (request, its logits) of every request that samples a token now
             for (r, n, kind), z in zip(plan, logits, strict=True):
                 if kind == "pad":
                     continue
                 r.n_cached += n
-                if r.n_cached >= r.n_tokens:  # else its prefill is not done yet
-                    ready.append((r, z))
-            # plain greedy rows: one argmax for all of them (what sample_token does for each)
-            greedy = [i for i, (r, _) in enumerate(ready) if r.params.greedy and r.params.repetition_penalty == 1]
-            picks = dict(zip(greedy, torch.stack([ready[i][1] for i in greedy]).argmax(1).tolist(),
-                             strict=True)) if greedy else {}
-            for i, (r, z) in enumerate(ready):
-                if i in picks:
-                    tok = picks[i]
-                else:
-                    seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
-                    tok = sample_token(z, r.params, r.generator, seen)
+                if r.n_cached < r.n_tokens:
+                    continue  # prefill not done yet
+                seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
+                tok = sample_token(z, r.params, r.generator, seen)
                 r.output.append(tok)
                 r.token_times.append(now)
                 self._check_stop(r, tok)
