@@ -53,11 +53,10 @@ void rmsnorm_f32(const float *x, const float *w, float *y, int64_t N, int64_t D,
     }
 }
 
-/* Columns [n0, n1) of y (N,) = x (K,) @ wt, wt (K, N) row-major; with `accumulate`, y += instead. */
-static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1,
-                      int accumulate) {
+/* Columns [n0, n1) of y (N,) = x (K,) @ wt, wt (K, N) row-major. */
+static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
     int64_t n8 = n0 + (n1 - n0) / 8 * 8;
-    if (!accumulate) memset(y + n0, 0, (n1 - n0) * sizeof(float));
+    memset(y + n0, 0, (n1 - n0) * sizeof(float));
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
         const float *r0 = wt + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
@@ -81,21 +80,21 @@ static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int6
         for (int64_t n = n0; n < n1; n++) y[n] += wt[k * N + n] * x[k];
 }
 
-/* y (M, N) = x (M, K) @ wt, or y += with `accumulate`; wt (K, N) row-major, i.e. W (N, K) stored
- * column-major. Any N, K. Rows go one after another, each streaming the weights (for a few rows: the
- * opt-in "cpu-gemv" backend). With n_threads > 1, each OpenMP thread (torch's: see w8a16_avx2.c) takes
- * one contiguous range of columns for every row, so it still reads long runs of each row of wt (short
- * strided pieces stream badly: 64-column blocks measured 0.7x of one thread's whole rows). */
-static void matmul_rows(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
-                        int accumulate, int64_t n_threads) {
+/* x (M, K), y (M, N); wt (K, N) row-major, i.e. W (N, K) stored column-major. Any N, K. Rows go one
+ * after another, each streaming the weights (for a few rows: the opt-in "cpu-gemv" backend). With
+ * n_threads > 1, each OpenMP thread (torch's: see w8a16_avx2.c) takes one contiguous range of columns
+ * for every row, so it still reads long runs of each row of wt (short strided pieces stream badly:
+ * 64-column blocks measured 0.7x of one thread's whole rows). */
+void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
+                       int64_t n_threads) {
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t j = 0; j < n_threads; j++) {
         int64_t a = N * j / n_threads / 8 * 8, b = j == n_threads - 1 ? N : N * (j + 1) / n_threads / 8 * 8;
-        for (int64_t m = 0; m < M; m++) gemv_cols(x + m * K, wt, y + m * N, N, K, a, b, accumulate);
+        for (int64_t m = 0; m < M; m++) gemv_cols(x + m * K, wt, y + m * N, N, K, a, b);
     }
 }
 
-/* ---- Matmul on packed weights (the fused decode step's) -------------------------------------------
+/* ---- Matmul on packed weights (the fused step's) --------------------------------------------------
  *
  * A weight W (N, K) packed in panels of 16 output columns: panel p is W[16p : 16p + 16, :]^T stored
  * (K, 16) row by row, contiguous, and the panels follow each other (the last one zero-padded).
@@ -109,49 +108,46 @@ static void matmul_rows(const float *x, const float *wt, float *y, int64_t M, in
 /* MB (1..4) rows of x (MB, K) against one panel (K, 16): out[j, 0:16] = x[j] @ panel. The
  * accumulators stay in registers for the whole K loop, and each pair of weight vectors loaded serves
  * all MB rows, so with several rows the loop is bound by FMAs, not loads. An FMA takes about 5 cycles
- * to finish and two start per cycle, so several independent sums must be in flight: NP phases (k mod
- * NP) accumulate separately and are added at the end. NP is the same for every MB, so an output is
- * summed in the same order however many rows share its block: a row's result does not depend on the
- * rest of the batch (batch-invariant; a test checks it bit for bit). NP = 1 at 4 rows and 4 at one row
- * measured no faster. MB and NP are compile-time constants per copy. */
-#define PANEL_KERNEL(MB, NP)                                                                               \
+ * to finish and two start per cycle, so several independent sums must be in flight: even k go to the
+ * a accumulators, odd k to the b ones, added at the end. That split is the same for every MB, so an
+ * output is summed in the same order however many rows share its block: a row's result does not
+ * depend on the rest of the batch (batch-invariant; tests check it bit for bit). MB is a compile-time
+ * constant in each copy. */
+#define PANEL_KERNEL(MB)                                                                                   \
     static void panel_##MB(const float *x, int64_t K, const float *panel, float *out) {                    \
-        __m256 a0[NP][MB], a1[NP][MB];                                                                     \
-        for (int p = 0; p < NP; p++)                                                                       \
-            for (int j = 0; j < MB; j++) a0[p][j] = a1[p][j] = _mm256_setzero_ps();                        \
+        __m256 a0[MB], a1[MB], b0[MB], b1[MB];                                                             \
+        for (int j = 0; j < MB; j++) a0[j] = a1[j] = b0[j] = b1[j] = _mm256_setzero_ps();                  \
         int64_t k = 0;                                                                                     \
-        for (; k + NP <= K; k += NP)                                                                       \
-            for (int p = 0; p < NP; p++) {                                                                 \
-                const float *w = panel + (k + p) * PANEL;                                                  \
-                __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);                               \
-                for (int j = 0; j < MB; j++) {                                                             \
-                    __m256 xj = _mm256_broadcast_ss(x + j * K + k + p);                                    \
-                    a0[p][j] = _mm256_fmadd_ps(w0, xj, a0[p][j]);                                          \
-                    a1[p][j] = _mm256_fmadd_ps(w1, xj, a1[p][j]);                                          \
-                }                                                                                          \
+        for (; k + 2 <= K; k += 2) {                                                                       \
+            const float *w = panel + k * PANEL;                                                            \
+            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);                                   \
+            __m256 v0 = _mm256_loadu_ps(w + PANEL), v1 = _mm256_loadu_ps(w + PANEL + 8);                   \
+            for (int j = 0; j < MB; j++) {                                                                 \
+                __m256 xe = _mm256_broadcast_ss(x + j * K + k), xo = _mm256_broadcast_ss(x + j * K + k + 1); \
+                a0[j] = _mm256_fmadd_ps(w0, xe, a0[j]);                                                    \
+                a1[j] = _mm256_fmadd_ps(w1, xe, a1[j]);                                                    \
+                b0[j] = _mm256_fmadd_ps(v0, xo, b0[j]);                                                    \
+                b1[j] = _mm256_fmadd_ps(v1, xo, b1[j]);                                                    \
             }                                                                                              \
-        for (; k < K; k++) {                                                                               \
+        }                                                                                                  \
+        if (k < K) {                                                                                       \
             const float *w = panel + k * PANEL;                                                            \
             __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);                                   \
             for (int j = 0; j < MB; j++) {                                                                 \
-                __m256 xj = _mm256_broadcast_ss(x + j * K + k);                                            \
-                a0[0][j] = _mm256_fmadd_ps(w0, xj, a0[0][j]);                                              \
-                a1[0][j] = _mm256_fmadd_ps(w1, xj, a1[0][j]);                                              \
+                __m256 xe = _mm256_broadcast_ss(x + j * K + k);                                            \
+                a0[j] = _mm256_fmadd_ps(w0, xe, a0[j]);                                                    \
+                a1[j] = _mm256_fmadd_ps(w1, xe, a1[j]);                                                    \
             }                                                                                              \
         }                                                                                                  \
         for (int j = 0; j < MB; j++) {                                                                     \
-            for (int p = 1; p < NP; p++) {                                                                 \
-                a0[0][j] = _mm256_add_ps(a0[0][j], a0[p][j]);                                              \
-                a1[0][j] = _mm256_add_ps(a1[0][j], a1[p][j]);                                              \
-            }                                                                                              \
-            _mm256_storeu_ps(out + j * PANEL, a0[0][j]);                                                   \
-            _mm256_storeu_ps(out + j * PANEL + 8, a1[0][j]);                                               \
+            _mm256_storeu_ps(out + j * PANEL, _mm256_add_ps(a0[j], b0[j]));                                \
+            _mm256_storeu_ps(out + j * PANEL + 8, _mm256_add_ps(a1[j], b1[j]));                            \
         }                                                                                                  \
     }
-PANEL_KERNEL(1, 2)
-PANEL_KERNEL(2, 2)
-PANEL_KERNEL(3, 2)
-PANEL_KERNEL(4, 2)
+PANEL_KERNEL(1)
+PANEL_KERNEL(2)
+PANEL_KERNEL(3)
+PANEL_KERNEL(4)
 
 /* y (M, N) = x (M, K) @ W^T, or y += with `accumulate`, W packed (see above). Each panel runs over
  * every block of up to 4 rows while it is in L1/L2; panels are split over n_threads OpenMP threads in
@@ -195,10 +191,6 @@ void matmul_packed_f32(const float *x, const float *packed, float *y, int64_t M,
     matmul_packed(x, packed, y, M, N, K, (int)accumulate, n_threads);
 }
 
-void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
-                       int64_t n_threads) {
-    matmul_rows(x, wt, y, M, N, K, 0, n_threads);
-}
 
 /* qkv, out (N, (H + 2 Hkv) hd): per row [q heads | k heads | v heads] (out may be qkv itself);
  * table (max_pos, hd/2, 2) holds (cos, sin) per position and pair; pos, slots (N,) int64, already
