@@ -47,9 +47,9 @@ class Spy:
     def __getattr__(self, name):
         return getattr(self.fused, name)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         self.calls += 1
-        return self.fused(*args)
+        return self.fused(*args, **kwargs)
 
 
 @settings(max_examples=40, deadline=None)

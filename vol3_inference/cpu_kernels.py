@@ -347,7 +347,9 @@ STEP_ERRORS = {1: "a position is outside the RoPE table", 2: "a slot is outside 
 
 
 def _is_int8(w) -> bool:
-    return type(w) is not torch.Tensor and hasattr(w, "q") and hasattr(w, "scale")  # quant.Int8Weight
+    from vol3_inference.quant import Int8Weight  # here, not at the top: quant imports this module
+
+    return isinstance(w, Int8Weight)
 
 
 def step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor) -> str | None:
@@ -465,7 +467,7 @@ class FusedStep:
         self._model_ptr = ctypes.addressof(self._model)
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, row_table: torch.Tensor,
-                 block_tables: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
+                 block_tables: torch.Tensor, out_rows: torch.Tensor, checked: bool = False) -> torch.Tensor:
         """Run one step of N token rows of B sequences.
 
         tokens, pos, slots, row_table: (N,) integer: row n is token tokens[n] at position pos[n] of
@@ -474,15 +476,18 @@ class FusedStep:
         rows whose logits are returned. CPU tensors. Writes every row's k and v to the cache and
         returns the logits (R, V) float32. Raises ValueError (with nothing written) for mismatched
         shapes, or ids, positions, slots, block ids or rows out of range; MemoryError if the step's
-        activations cannot be allocated.
+        activations cannot be allocated. `checked`: the caller made these tensors int64, contiguous and
+        of matching shapes (the engine does), so only the kernel's own range checks run.
         """
         N = tokens.shape[0] if tokens.dim() == 1 else -1
-        if (N < 1 or pos.shape != (N,) or slots.shape != (N,) or row_table.shape != (N,) or block_tables.dim() != 2
-                or out_rows.dim() != 1 or not _int_cpu(tokens, pos, slots, row_table, block_tables, out_rows)):
-            raise ValueError("FusedStep: tokens, pos, slots, row_table (N,), block_tables (B, W) and out_rows (R,), "
-                             "integer tensors on the CPU, expected")
-        tokens, pos, slots, row_table = _index(tokens), _index(pos), _index(slots), _index(row_table)
-        block_tables, out_rows = _index(block_tables), _index(out_rows)
+        if not checked:
+            if (N < 1 or pos.shape != (N,) or slots.shape != (N,) or row_table.shape != (N,)
+                    or block_tables.dim() != 2 or out_rows.dim() != 1
+                    or not _int_cpu(tokens, pos, slots, row_table, block_tables, out_rows)):
+                raise ValueError("FusedStep: tokens, pos, slots, row_table (N,), block_tables (B, W) and out_rows "
+                                 "(R,), integer tensors on the CPU, expected")
+            tokens, pos, slots, row_table = _index(tokens), _index(pos), _index(slots), _index(row_table)
+            block_tables, out_rows = _index(block_tables), _index(out_rows)
         R = out_rows.shape[0]
         logits = torch.empty(R, self.vocab, dtype=torch.float32)
         err = self._lib.forward_step_f32(self._model_ptr, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),

@@ -280,7 +280,8 @@ class Engine:
             bounds = list(itertools.accumulate((len(ch.tokens) for ch in chunks), initial=0))
             out_rows = range(N) if all_logits else [b - 1 for b in bounds[1:]]
             tok, pos, slot, seq = torch.tensor([tokens, positions, slots, row_seq], dtype=torch.long)
-            logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.tensor(out_rows, dtype=torch.long))
+            logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.tensor(out_rows, dtype=torch.long),
+                                checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
             outs = ([logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits
                     else list(logits.unbind(0)))
             return self._unsort(outs, order)
