@@ -208,13 +208,6 @@ def int8_routes(device: torch.device) -> tuple[str, ...]:
     return INT8_COMPARED if device.type == "cpu" else ("int8pack_bf16", "dequant")
 
 
-def serving_int8_route() -> str:
-    """The route of the 'continuous int8' serving run: the default, whose matmul the fused step runs
-    (fbgemm's w8a8_dynamic is faster per batched matmul, but runs op by op: measured, it served about
-    as fast on seed512 and 0.65x as fast on the trained model)."""
-    return INT8_ROUTE
-
-
 def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: int,
                val=None, tokenizer=None, val_tokens: int = 0, seq_len: int = 256) -> dict:
     fp, q8 = Engine(weights), Engine(qweights)
@@ -322,9 +315,9 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
     for key in ("sequential", *BATCHED):
         runs[key] = {**min((t[key] for t in tries), key=lambda r: r["wall_s"]),
                      "walls": [t[key]["wall_s"] for t in tries]}
-    # The same scheduler on int8 weights (`serving_int8_route`); its tokens may differ from fp32's, so
-    # it is not in `same`.
-    route = serving_int8_route()
+    # The same scheduler on int8 weights, on the default route, the one the fused step runs (chapter 3
+    # §7 compares it with fbgemm's w8a8_dynamic); its tokens may differ from fp32's, so not in `same`.
+    route = INT8_ROUTE
     with int8_route(route):
         runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
                                               policy="continuous", max_step_tokens=512)
@@ -377,7 +370,7 @@ def print_decode(r: dict) -> None:
             f"{t[k] / t['HF generate']:5.2f}x HF generate")
     say(f"  {'HF generate':20s} {t['HF generate']:8.1f} tok/s")
     say(f"  (ours: the '{d.get('backend', 'torch')}' ops backend" + (
-        ", each decode step one fused C call; 'op by op': the same C ops, one call each" if d.get("fused") else "")
+        ", each step one fused C call; 'op by op': the same C ops, one call each" if d.get("fused") else "")
         + "; 'torch ops': the same engine on the PyTorch reference ops)")
     say("  (full recompute: one timed run; the others: median of the rounds)")
     say(f"  greedy tokens: every KV cache variant == full recompute: {d['greedy_equal_naive']}; "
