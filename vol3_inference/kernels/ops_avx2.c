@@ -105,14 +105,15 @@ void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int
 
 #define PANEL 16
 
-/* MB (1..4) rows of x (MB, K) against one panel (K, 16): out[j, 0:16] = x[j] @ panel. The
+/* MB (1..3) rows of x (MB, K) against one panel (K, 16): out[j, 0:16] = x[j] @ panel. The
  * accumulators stay in registers for the whole K loop, and each pair of weight vectors loaded serves
  * all MB rows, so with several rows the loop is bound by FMAs, not loads. An FMA takes about 5 cycles
  * to finish and two start per cycle, so several independent sums must be in flight: even k go to the
  * a accumulators, odd k to the b ones, added at the end. That split is the same for every MB, so an
  * output is summed in the same order however many rows share its block: a row's result does not
- * depend on the rest of the batch (batch-invariant; tests check it bit for bit). MB is a compile-time
- * constant in each copy. */
+ * depend on the rest of the batch (batch-invariant; tests check it bit for bit). Blocks of 3 rows, not
+ * 4: with two phases, 4 rows need 16 accumulators, more than the 16 vector registers leave room for
+ * beside the weights, and the spilling loop was slower at 16 rows. MB is a compile-time constant in each copy. */
 #define PANEL_KERNEL(MB)                                                                                   \
     static void panel_##MB(const float *x, int64_t K, const float *panel, float *out) {                    \
         __m256 a0[MB], a1[MB], b0[MB], b1[MB];                                                             \
@@ -147,10 +148,9 @@ void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int
 PANEL_KERNEL(1)
 PANEL_KERNEL(2)
 PANEL_KERNEL(3)
-PANEL_KERNEL(4)
 
 /* y (M, N) = x (M, K) @ W^T, or y += with `accumulate`, W packed (see above). Each panel runs over
- * every block of up to 4 rows while it is in L1/L2; panels are split over n_threads OpenMP threads in
+ * every block of up to 3 rows while it is in L1/L2; panels are split over n_threads OpenMP threads in
  * contiguous ranges. */
 static void matmul_packed(const float *x, const float *packed, float *y, int64_t M, int64_t N, int64_t K,
                           int accumulate, int64_t n_threads) {
@@ -161,14 +161,13 @@ static void matmul_packed(const float *x, const float *packed, float *y, int64_t
         for (int64_t p = panels * t / n_threads; p < panels * (t + 1) / n_threads; p++) {
             const float *panel = packed + p * K * PANEL;
             int64_t n = p * PANEL, cols = N - n < PANEL ? N - n : PANEL;
-            for (int64_t m = 0; m < M; m += 4) {
-                float out[4 * PANEL];
-                int64_t mb = M - m < 4 ? M - m : 4;
+            for (int64_t m = 0; m < M; m += 3) {
+                float out[3 * PANEL];
+                int64_t mb = M - m < 3 ? M - m : 3;
                 switch (mb) {
                     case 1: panel_1(x + m * K, K, panel, out); break;
                     case 2: panel_2(x + m * K, K, panel, out); break;
-                    case 3: panel_3(x + m * K, K, panel, out); break;
-                    default: panel_4(x + m * K, K, panel, out); break;
+                    default: panel_3(x + m * K, K, panel, out); break;
                 }
                 for (int64_t j = 0; j < mb; j++) {
                     float *yr = y + (m + j) * N + n;
