@@ -105,81 +105,114 @@ void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int
 
 #define PANEL 16
 
-/* MB (1..3) rows of x (MB, K) against one panel (K, 16): out[j, 0:16] = x[j] @ panel. The
- * accumulators stay in registers for the whole K loop, and each pair of weight vectors loaded serves
- * all MB rows, so with several rows the loop is bound by FMAs, not loads. An FMA takes about 5 cycles
- * to finish and two start per cycle, so several independent sums must be in flight: even k go to the
- * a accumulators, odd k to the b ones, added at the end. That split is the same for every MB, so an
- * output is summed in the same order however many rows share its block: a row's result does not
- * depend on the rest of the batch (batch-invariant; tests check it bit for bit). Blocks of 3 rows, not
- * 4: with two phases, 4 rows need 16 accumulators, more than the 16 vector registers leave room for
- * beside the weights, and the spilling loop was slower at 16 rows. MB is a compile-time constant in each copy. */
-#define PANEL_KERNEL(MB)                                                                                   \
-    static void panel_##MB(const float *x, int64_t K, const float *panel, float *out) {                    \
-        __m256 a0[MB], a1[MB], b0[MB], b1[MB];                                                             \
-        for (int j = 0; j < MB; j++) a0[j] = a1[j] = b0[j] = b1[j] = _mm256_setzero_ps();                  \
-        int64_t k = 0;                                                                                     \
-        for (; k + 2 <= K; k += 2) {                                                                       \
-            const float *w = panel + k * PANEL;                                                            \
-            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);                                   \
-            __m256 v0 = _mm256_loadu_ps(w + PANEL), v1 = _mm256_loadu_ps(w + PANEL + 8);                   \
+/* MB (1..6) rows of x (MB, K) against one panel (K, 16): out[j, 0:16] = x[j] @ panel. Each output
+ * is one chain of FMAs, k = 0, 1, ..., K - 1 in order, and every kernel below sums in that order, so
+ * an output's bits depend on its row and column only: how many rows share its block, or which kernel
+ * runs it, changes nothing (batch-invariant; tests check it bit for bit). An FMA takes about 4 cycles
+ * to finish and two start per cycle, so about 8 independent chains must be in flight: 6 rows x 2
+ * vectors give 12 (the most that fit: 12 accumulators, 2 weight vectors and a broadcast fill 15 of the
+ * 16 vector registers); each pair of weight vectors loaded serves all MB rows. MB is a compile-time
+ * constant in each copy. */
+#define ROWS_KERNEL(MB)                                                                                    \
+    static void rows_##MB(const float *x, int64_t K, const float *panel, float *out) {                     \
+        __m256 a0[MB], a1[MB];                                                                             \
+        for (int j = 0; j < MB; j++) a0[j] = a1[j] = _mm256_setzero_ps();                                  \
+        for (int64_t k = 0; k < K; k++) {                                                                  \
+            __m256 w0 = _mm256_loadu_ps(panel + k * PANEL), w1 = _mm256_loadu_ps(panel + k * PANEL + 8);   \
             for (int j = 0; j < MB; j++) {                                                                 \
-                __m256 xe = _mm256_broadcast_ss(x + j * K + k), xo = _mm256_broadcast_ss(x + j * K + k + 1); \
-                a0[j] = _mm256_fmadd_ps(w0, xe, a0[j]);                                                    \
-                a1[j] = _mm256_fmadd_ps(w1, xe, a1[j]);                                                    \
-                b0[j] = _mm256_fmadd_ps(v0, xo, b0[j]);                                                    \
-                b1[j] = _mm256_fmadd_ps(v1, xo, b1[j]);                                                    \
-            }                                                                                              \
-        }                                                                                                  \
-        if (k < K) {                                                                                       \
-            const float *w = panel + k * PANEL;                                                            \
-            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);                                   \
-            for (int j = 0; j < MB; j++) {                                                                 \
-                __m256 xe = _mm256_broadcast_ss(x + j * K + k);                                            \
-                a0[j] = _mm256_fmadd_ps(w0, xe, a0[j]);                                                    \
-                a1[j] = _mm256_fmadd_ps(w1, xe, a1[j]);                                                    \
+                __m256 xk = _mm256_broadcast_ss(x + j * K + k);                                            \
+                a0[j] = _mm256_fmadd_ps(w0, xk, a0[j]);                                                    \
+                a1[j] = _mm256_fmadd_ps(w1, xk, a1[j]);                                                    \
             }                                                                                              \
         }                                                                                                  \
         for (int j = 0; j < MB; j++) {                                                                     \
-            _mm256_storeu_ps(out + j * PANEL, _mm256_add_ps(a0[j], b0[j]));                                \
-            _mm256_storeu_ps(out + j * PANEL + 8, _mm256_add_ps(a1[j], b1[j]));                            \
+            _mm256_storeu_ps(out + j * PANEL, a0[j]);                                                      \
+            _mm256_storeu_ps(out + j * PANEL + 8, a1[j]);                                                  \
         }                                                                                                  \
     }
-PANEL_KERNEL(1)
-PANEL_KERNEL(2)
-PANEL_KERNEL(3)
+ROWS_KERNEL(1)
+ROWS_KERNEL(2)
+ROWS_KERNEL(3)
+ROWS_KERNEL(4)
+ROWS_KERNEL(5)
+ROWS_KERNEL(6)
 
-/* y (M, N) = x (M, K) @ W^T, or y += with `accumulate`, W packed (see above). Each panel runs over
- * every block of up to 3 rows while it is in L1/L2; panels are split over n_threads OpenMP threads in
- * contiguous ranges. */
+/* One row against 4 consecutive panels (out: 4 x 16): the 8 chains a lone row needs, in the same
+ * order as rows_1 (decode at batch 1). */
+static void row_x4(const float *x, int64_t K, const float *panel, float *out) {
+    const float *p1 = panel + K * PANEL, *p2 = p1 + K * PANEL, *p3 = p2 + K * PANEL;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+    for (int64_t k = 0; k < K; k++) {
+        __m256 xk = _mm256_broadcast_ss(x + k);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(panel + k * PANEL), xk, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(panel + k * PANEL + 8), xk, a1);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + k * PANEL), xk, b0);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + k * PANEL + 8), xk, b1);
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + k * PANEL), xk, c0);
+        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + k * PANEL + 8), xk, c1);
+        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + k * PANEL), xk, d0);
+        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + k * PANEL + 8), xk, d1);
+    }
+    _mm256_storeu_ps(out, a0);
+    _mm256_storeu_ps(out + 8, a1);
+    _mm256_storeu_ps(out + 16, b0);
+    _mm256_storeu_ps(out + 24, b1);
+    _mm256_storeu_ps(out + 32, c0);
+    _mm256_storeu_ps(out + 40, c1);
+    _mm256_storeu_ps(out + 48, d0);
+    _mm256_storeu_ps(out + 56, d1);
+}
+
+/* y[0:cols] = o (+ y with `accumulate`), cols <= 16. */
+static inline void put_panel(float *y, const float *o, int64_t cols, int accumulate) {
+    if (cols == PANEL && accumulate) {
+        _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_loadu_ps(y + 8), _mm256_loadu_ps(o + 8)));
+    } else if (cols == PANEL) {
+        memcpy(y, o, PANEL * sizeof(float));
+    } else {
+        for (int64_t c = 0; c < cols; c++) y[c] = (accumulate ? y[c] : 0.f) + o[c];
+    }
+}
+
+/* y (M, N) = x (M, K) @ W^T, or y += with `accumulate`, W packed (see above). A single row goes 4
+ * panels at a time; several rows go one panel at a time, in blocks of up to 6 rows sized evenly
+ * (M = 16: 6, 5, 5), each panel running over every block while it is in L1/L2. Work units (panels,
+ * or groups of 4) are split over n_threads OpenMP threads in contiguous ranges. */
 static void matmul_packed(const float *x, const float *packed, float *y, int64_t M, int64_t N, int64_t K,
                           int accumulate, int64_t n_threads) {
-    int64_t panels = (N + PANEL - 1) / PANEL;
-    if (n_threads > panels) n_threads = panels;
+    int64_t panels = (N + PANEL - 1) / PANEL, per = M == 1 ? 4 : 1, units = (panels + per - 1) / per;
+    int64_t blocks = (M + 5) / 6;
+    if (n_threads > units) n_threads = units;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t t = 0; t < n_threads; t++)
-        for (int64_t p = panels * t / n_threads; p < panels * (t + 1) / n_threads; p++) {
-            const float *panel = packed + p * K * PANEL;
-            int64_t n = p * PANEL, cols = N - n < PANEL ? N - n : PANEL;
-            for (int64_t m = 0; m < M; m += 3) {
-                float out[3 * PANEL];
-                int64_t mb = M - m < 3 ? M - m : 3;
+        for (int64_t u = units * t / n_threads; u < units * (t + 1) / n_threads; u++) {
+            int64_t p0 = u * per, np = panels - p0 < per ? panels - p0 : per;
+            const float *panel = packed + p0 * K * PANEL;
+            float out[6 * PANEL];
+            if (M == 1) {
+                if (np == 4) row_x4(x, K, panel, out);
+                else
+                    for (int64_t q = 0; q < np; q++) rows_1(x, K, panel + q * K * PANEL, out + q * PANEL);
+                for (int64_t q = 0; q < np; q++) {
+                    int64_t n = (p0 + q) * PANEL;
+                    put_panel(y + n, out + q * PANEL, N - n < PANEL ? N - n : PANEL, accumulate);
+                }
+                continue;
+            }
+            int64_t n = p0 * PANEL, cols = N - n < PANEL ? N - n : PANEL;
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t m = M * b / blocks, mb = M * (b + 1) / blocks - m;
+                const float *xb = x + m * K;
                 switch (mb) {
-                    case 1: panel_1(x + m * K, K, panel, out); break;
-                    case 2: panel_2(x + m * K, K, panel, out); break;
-                    default: panel_3(x + m * K, K, panel, out); break;
+                    case 1: rows_1(xb, K, panel, out); break;
+                    case 2: rows_2(xb, K, panel, out); break;
+                    case 3: rows_3(xb, K, panel, out); break;
+                    case 4: rows_4(xb, K, panel, out); break;
+                    case 5: rows_5(xb, K, panel, out); break;
+                    default: rows_6(xb, K, panel, out); break;
                 }
-                for (int64_t j = 0; j < mb; j++) {
-                    float *yr = y + (m + j) * N + n;
-                    if (cols == PANEL && accumulate) {
-                        _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), _mm256_loadu_ps(out + j * PANEL)));
-                        _mm256_storeu_ps(yr + 8, _mm256_add_ps(_mm256_loadu_ps(yr + 8), _mm256_loadu_ps(out + j * PANEL + 8)));
-                    } else if (cols == PANEL) {
-                        memcpy(yr, out + j * PANEL, PANEL * sizeof(float));
-                    } else {
-                        for (int64_t c = 0; c < cols; c++) yr[c] = (accumulate ? yr[c] : 0.f) + out[j * PANEL + c];
-                    }
-                }
+                for (int64_t j = 0; j < mb; j++) put_panel(y + (m + j) * N + n, out + j * PANEL, cols, accumulate);
             }
         }
 }
