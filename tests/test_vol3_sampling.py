@@ -12,6 +12,7 @@ from vol3_inference.sampling import (
     apply_repetition_penalty,
     filter_logits,
     find_stop,
+    greedy_tokens,
     make_generator,
     sample_token,
 )
@@ -60,6 +61,17 @@ def test_temperature_zero_is_argmax_and_sampling_follows_probabilities():
     draws = torch.tensor([sample_token(z, SamplingParams(temperature=1.0), g) for _ in range(3000)])
     freq = torch.bincount(draws, minlength=3).double() / 3000
     torch.testing.assert_close(freq, torch.softmax(z.double(), 0), atol=0.03, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_one_argmax_for_a_step_picks_what_each_row_would_alone(rows, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    # small integer logits, so that ties (first index wins) and negative rows are common
+    z = torch.randint(-3, 3, (rows, vocab), generator=g).float()
+    if rows > 1:
+        z[1] = float("nan")  # a NaN is argmax's maximum either way
+    assert greedy_tokens(list(z.unbind(0))) == [sample_token(r, SamplingParams()) for r in z.unbind(0)]
 
 
 @pytest.mark.parametrize("field,value", [

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vol3_inference.engine import Chunk, Engine, ModelWeights
-from vol3_inference.sampling import SamplingParams, find_stop, make_generator, sample_token
+from vol3_inference.sampling import SamplingParams, find_stop, greedy_tokens, make_generator, sample_token
 
 POLICIES = ("continuous", "static", "static-padded")
 
@@ -266,14 +266,20 @@ class Scheduler:
             now = time.perf_counter()
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
-            for (r, n, kind), z in zip(plan, logits, strict=True):
-                if kind == "pad":
-                    continue
+            rows = [(r, n, z) for (r, n, kind), z in zip(plan, logits, strict=True) if kind != "pad"]
+            # Rows that sample greedily this step (no repetition penalty): one argmax for all of them.
+            greedy = [i for i, (r, n, _) in enumerate(rows) if r.n_cached + n >= r.n_tokens
+                      and r.params.greedy and r.params.repetition_penalty == 1]
+            picked = dict(zip(greedy, greedy_tokens([rows[i][2] for i in greedy]), strict=True))
+            for i, (r, n, z) in enumerate(rows):
                 r.n_cached += n
                 if r.n_cached < r.n_tokens:
                     continue  # prefill not done yet
-                seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
-                tok = sample_token(z, r.params, r.generator, seen)
+                if i in picked:
+                    tok = picked[i]
+                else:
+                    seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
+                    tok = sample_token(z, r.params, r.generator, seen)
                 r.output.append(tok)
                 r.token_times.append(now)
                 self._check_stop(r, tok)
