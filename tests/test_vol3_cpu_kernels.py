@@ -61,6 +61,25 @@ def test_w8a16_int32_sums_do_not_overflow(K):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 5])
+def test_w8a16_rounds_activations_to_nearest_even(rows):
+    """Activations become int16 as round-half-to-even(x * 32767 / max|x|) of the row (in double),
+    exactly: with the identity as weights, y = that integer times the row's scale."""
+    g = torch.Generator().manual_seed(rows)
+    K = 80
+    x = torch.randn(rows, K, generator=g) * torch.logspace(-20, 3, rows)[:, None]
+    x[0] = torch.arange(K) - 39.5  # every value half an integer: ties both ways ...
+    x[0, 0] = 32767.0  # ... once the scale is exactly 1
+    eye = torch.eye(K, dtype=torch.int8)
+    y = cpu_kernels.w8a16_linear(x, eye, torch.ones(K))
+    amax = x.abs().amax(dim=1, keepdim=True).double()
+    xq = torch.round(x.double() * (32767.0 / amax))  # torch.round: half to even
+    sx = (amax / 32767.0).float()
+    assert torch.equal(y, xq.float() * sx)
+    assert torch.equal(xq[0, 1:5], torch.tensor([-38.0, -38.0, -36.0, -36.0], dtype=torch.float64))
+
+
+@needs_kernel
 def test_w8a16_threads_split_columns_exactly():
     """Threads take whole output columns, so the result is bit-identical to one thread's."""
     g = torch.Generator().manual_seed(0)
