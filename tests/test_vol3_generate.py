@@ -105,11 +105,25 @@ def test_bench_workload_and_serving_harness(tmp_path):
     for k in bench.BATCHED:
         assert serving["sweep"][0][k]["output_tokens"] == sum(n for _, n in work)
     assert sorted(bench.sweep_rows(serving)) == [2, 4]
+    assert 1 in serving["sequential"]["decode_step_ms"]  # decode steps of one row, timed
+    assert all(n <= 4 for n in serving["continuous"]["decode_step_ms"])
     bench.print_serving({"serving": serving, "config": weights.config.to_dict()})
     bench.draw_chart({"models": {"tiny": {"serving": serving}}}, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
     solo = Engine(weights).generate(work[0][0], SamplingParams(max_tokens=work[0][1], ignore_eos=True))
     assert len(solo) == work[0][1]
+
+
+def test_decode_step_times_count_only_decode_steps_by_their_rows():
+    trace = [(0.000, [("a", 5, "prefill")]),
+             (0.001, [("a", 1, "decode")]),                       # 1 row, 1 ms
+             (0.003, [("a", 1, "decode"), ("b", 1, "decode")]),   # 2 rows, 2 ms
+             (0.007, [("a", 1, "decode"), ("b", 3, "prefill")]),  # mixed: not a decode step
+             (0.009, [("a", 1, "decode"), ("b", 1, "pad")]),      # a padding row: not either
+             (0.013, [("a", 1, "decode"), ("b", 1, "decode")])]   # 2 rows, 4 ms
+    got = bench.decode_step_ms(trace)
+    assert list(got) == [1, 2] and got[1] == {"median": pytest.approx(1.0), "steps": 1}
+    assert got[2] == {"median": pytest.approx(3.0), "steps": 2}
 
 
 @pytest.mark.parametrize("argv", [["--sweep", "8,x"], ["--sweep", "0"], ["--seed512-sweep", "²"],

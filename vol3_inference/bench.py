@@ -21,6 +21,7 @@ load from other processes hits all of them alike; ratios are the figures to read
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -284,7 +285,20 @@ def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: 
            "outputs": {k: v.token_ids for k, v in reqs.items()}}
     if trace:
         res["trace"] = [(t - t0, items) for t, items in sched.trace]
+        res["decode_step_ms"] = decode_step_ms(res["trace"])
     return res
+
+
+def decode_step_ms(trace: list) -> dict[int, dict]:
+    """{rows: {"median": ms, "steps": count}} over a run's decode-only steps (no prefill chunk, no
+    padding row), by their number of rows: each step's wall time from the end of the step before, so
+    scheduling and sampling are in it. What one more row costs on this machine: the bound on what
+    batching can gain over one-at-a-time decoding."""
+    by_rows: dict[int, list[float]] = {}
+    for (t_prev, _), (t, items) in itertools.pairwise(trace):
+        if all(kind == "decode" for _, _, kind in items):
+            by_rows.setdefault(len(items), []).append(1e3 * (t - t_prev))
+    return {n: {"median": statistics.median(v), "steps": len(v)} for n, v in sorted(by_rows.items())}
 
 
 # The batched policies, by their key in the results: scheduler policy, and the step token budget (a
@@ -308,7 +322,7 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
                 for key, (policy, per_slot) in BATCHED.items()}
 
     def sequential() -> dict:
-        return run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256)
+        return run_serving(weights, work, max_batch=1, policy="continuous", max_step_tokens=256, trace=True)
 
     tries = [{"sequential": sequential(), **batched_runs(max_batch, trace=True)} for _ in range(rounds)]
     runs: dict = {}
@@ -434,6 +448,13 @@ def print_serving(r: dict) -> None:
             say(f"  {'':12s} {slots:5d} {pa['tok_s']:12.1f} {st['tok_s']:8.1f} {co['tok_s']:10.1f} "
                 f"{co['tok_s'] / pa['tok_s']:10.2f}x {co['tok_s'] / st['tok_s']:10.2f}x "
                 f"{co['tok_s'] / seq:7.2f}x {st['steps']:12d} {co['steps']:10d}")
+    one, full = (s[k].get("decode_step_ms", {}).get(n) for k, n in (("sequential", 1), ("continuous", s["max_batch"])))
+    if one and full:
+        cost = full["median"] / one["median"]
+        say(f"  decode-only steps, median wall time with scheduling and sampling: 1 row {one['median']:.2f} ms "
+            f"(sequential, {one['steps']} steps), {s['max_batch']} rows {full['median']:.2f} ms (continuous, "
+            f"{full['steps']} steps): {s['max_batch']} tokens for {cost:.1f}x the time of one, so batching can "
+            f"speed decoding up at most {s['max_batch'] / cost:.1f}x here")
     x = s["continuous"]
     say(f"  paged KV cache, continuous: peak {x['peak_kv_blocks']} of {x['kv_blocks']} blocks of 16 tokens "
         f"in use ({100 * x['peak_kv_blocks'] / x['kv_blocks']:.0f}%); a contiguous cache reserves "
@@ -670,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results["models"]:
         return fail("no model was benchmarked (the trained checkpoint is missing and --models has only 'trained')")
     for r in results["models"].values():  # traces are for the picture, not the JSON
-        for k in BATCHED:
+        for k in ("sequential", *BATCHED):
             r.get("serving", {}).get(k, {}).pop("trace", None)
     results["wall_s"] = time.perf_counter() - t_start
     (out_dir / "vol3.json").write_text(json.dumps(results, indent=2) + "\n")
