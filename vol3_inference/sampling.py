@@ -138,9 +138,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 
 
 def greedy_tokens(rows: list[torch.Tensor]) -> list[int]:
-    """The argmax of each of several logits rows (each (V,), any device): `sample_token`'s greedy
-    path for a whole step in one call (the first maximal index on ties, as torch.argmax gives).
-    One argmax over the stacked rows instead of one per row, each of which would pay its own few
+    """The argmax of each of several logits rows (V,) of one step (one device, shape and dtype, as
+    `Engine.forward` returns them): `sample_token`'s greedy path for a whole step in one call (the
+    first maximal index on ties, as torch.argmax gives). One argmax over the stacked rows instead of one per row, each of which would pay its own few
     microseconds of dispatch: with 16 rows a step on a small model, that adds up."""
     if len(rows) <= 1:
         return [int(torch.argmax(z)) for z in rows]

@@ -109,10 +109,10 @@ void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int
  * is one chain of FMAs, k = 0, 1, ..., K - 1 in order, and every kernel below sums in that order, so
  * an output's bits depend on its row and column only: how many rows share its block, or which kernel
  * runs it, changes nothing (batch-invariant; tests check it bit for bit). An FMA takes about 4 cycles
- * to finish and two start per cycle, so about 8 independent chains must be in flight: 6 rows x 2
- * vectors give 12 (the most that fit: 12 accumulators, 2 weight vectors and a broadcast fill 15 of the
- * 16 vector registers); each pair of weight vectors loaded serves all MB rows. MB is a compile-time
- * constant in each copy. */
+ * to finish and two start per cycle, so about 8 independent chains must be in flight: a block of 6
+ * rows x 2 vectors gives 12 (the most that fit: 12 accumulators, 2 weight vectors and a broadcast fill
+ * 15 of the 16 vector registers; a block of 2-3 rows has only 4-6, which costs speed, not bits); each
+ * pair of weight vectors loaded serves all MB rows. MB is a compile-time constant in each copy. */
 #define ROWS_KERNEL(MB)                                                                                    \
     static void rows_##MB(const float *x, int64_t K, const float *panel, float *out) {                     \
         __m256 a0[MB], a1[MB];                                                                             \
