@@ -75,6 +75,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def argmax_only(self) -> bool:
+        """The token is the argmax of the logits themselves: greedy, no repetition penalty (so
+        `greedy_tokens` can pick it for a whole step at once)."""
+        return self.greedy and self.repetition_penalty == 1
+
 
 def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -140,8 +146,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 def greedy_tokens(rows: list[torch.Tensor]) -> list[int]:
     """The argmax of each of several logits rows (V,) of one step (one device, shape and dtype, as
     `Engine.forward` returns them): `sample_token`'s greedy path for a whole step in one call (the
-    first maximal index on ties, as torch.argmax gives). One argmax over the stacked rows instead of one per row, each of which would pay its own few
-    microseconds of dispatch: with 16 rows a step on a small model, that adds up."""
+    first maximal index on ties, as torch.argmax gives). One argmax over the stacked rows instead of
+    one per row, each of which would pay its own dispatch; a lone row (one request at a time) skips
+    the stacking copy."""
     if len(rows) <= 1:
         return [int(torch.argmax(z)) for z in rows]
     return torch.argmax(torch.stack(rows), dim=-1).tolist()

@@ -267,9 +267,8 @@ class Scheduler:
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
             rows = [(r, n, z) for (r, n, kind), z in zip(plan, logits, strict=True) if kind != "pad"]
-            # Rows that sample greedily this step (no repetition penalty): one argmax for all of them.
-            greedy = [i for i, (r, n, _) in enumerate(rows) if r.n_cached + n >= r.n_tokens
-                      and r.params.greedy and r.params.repetition_penalty == 1]
+            # Rows whose token this step is a plain argmax: one argmax for all of them.
+            greedy = [i for i, (r, n, _) in enumerate(rows) if r.n_cached + n >= r.n_tokens and r.params.argmax_only]
             picked = dict(zip(greedy, greedy_tokens([rows[i][2] for i in greedy]), strict=True))
             for i, (r, n, z) in enumerate(rows):
                 r.n_cached += n
