@@ -270,3 +270,28 @@ def test_w8a16_rows_with_nan_inf_or_tiny_values():
     assert torch.isnan(y[0]).all() and torch.isnan(y[1]).all()  # poisoned, as the reference's would be
     ref, bound = reference_and_bound(x[2:], qw.q, qw.scale)
     assert torch.all((y[2:].double() - ref).abs() <= bound)
+
+
+SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0]
+
+
+@no_ops
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 12), vocab=st.integers(1, 70), seed=st.integers(0, 2**16),
+       specials=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 69), st.sampled_from(SPECIALS)), max_size=6))
+def test_argmax_rows_is_torch_argmax(rows, vocab, seed, specials):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(-2, 3, (rows, vocab), generator=g).float()  # ties, some in the vector part, some in the tail
+    for r, i, v in specials:
+        z[r % rows, i % vocab] = v
+    order = torch.randperm(rows, generator=g).tolist()  # rows anywhere in memory, as Engine.forward returns them
+    got = cpu_kernels.argmax_rows([z[r] for r in order])
+    assert got == [int(torch.argmax(z[r])) for r in order]
+
+
+@no_ops
+def test_argmax_rows_refuses_what_it_cannot_take():
+    z = torch.zeros(3, 8)
+    for bad in ([], [z[0].double()], [z[:, 0]], [z[0], z[1, :4]], [torch.zeros(0)], [z]):
+        with pytest.raises(ValueError):
+            cpu_kernels.argmax_rows(bad)

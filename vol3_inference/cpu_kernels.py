@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,7 +46,8 @@ SIGNATURES = {  # library -> {function: argument types}
                  "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
                  "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F],
                  "matmul_packed_f32": [_P] * 3 + [_I] * 5,
-                 "forward_step_f32": [_P] * 8 + [_I] * 5},
+                 "forward_step_f32": [_P] * 8 + [_I] * 5,
+                 "argmax_rows_f32": [_P, _I, _I, _P]},
 }
 LINKED = {"ops_avx2": ("w8a16_avx2.c",)}  # other sources built into a library (the fused step's int8 matmul)
 RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes; the others return nothing
@@ -193,6 +195,22 @@ def _index(t: torch.Tensor) -> torch.Tensor:
 def _fail(op: str, why: str | None) -> None:
     if why is not None:
         raise ValueError(f"{op}: {why}")
+
+
+def argmax_rows(rows: Sequence[torch.Tensor]) -> list[int]:
+    """torch.argmax of each of R logits rows (V,), float32 contiguous CPU tensors of one length V >= 1,
+    anywhere in memory (`Engine.forward`'s rows are views of one matrix, reordered), in one call
+    (`argmax_rows_f32`): the first index of each row's largest value, or of its first NaN. Raises
+    ValueError for other rows, KernelUnavailable where the kernels cannot run."""
+    lib = _lib("ops_avx2")
+    shape = rows[0].shape if rows else None
+    if (not rows or len(shape) != 1 or shape[0] < 1 or not _f32_cpu(*rows)
+            or not all(z.shape == shape for z in rows)):
+        raise ValueError("argmax_rows: float32 contiguous CPU rows (V,) of one length V >= 1 expected")
+    out = torch.empty(len(rows), dtype=torch.long)
+    ptrs = (ctypes.c_void_p * len(rows))(*[z.data_ptr() for z in rows])
+    lib.argmax_rows_f32(ptrs, len(rows), shape[0], out.data_ptr())
+    return out.tolist()
 
 
 def rmsnorm_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:

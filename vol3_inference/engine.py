@@ -35,6 +35,7 @@ import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shared.config import ModelConfig
@@ -279,8 +280,10 @@ class Engine:
             row_seq = [j for j, ch in enumerate(chunks) for _ in ch.tokens]  # each row's chunk
             bounds = list(itertools.accumulate((len(ch.tokens) for ch in chunks), initial=0))
             out_rows = range(N) if all_logits else [b - 1 for b in bounds[1:]]
-            tok, pos, slot, seq = torch.tensor([tokens, positions, slots, row_seq], dtype=torch.long)
-            logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.tensor(out_rows, dtype=torch.long),
+            # int64 index tensors through NumPy: torch.tensor on a Python list costs several times more
+            tok, pos, slot, seq = torch.from_numpy(np.array([tokens, positions, slots, row_seq], dtype=np.int64)).unbind(0)
+            logits = self.fused(tok, pos, slot, seq, self._tables(chunks),
+                                torch.from_numpy(np.array(out_rows, dtype=np.int64)),
                                 checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
             outs = ([logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits
                     else list(logits.unbind(0)))
@@ -334,10 +337,10 @@ class Engine:
         return self._unsort(outs, order)
 
     def _tables(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """The chunks' sequences' block tables (B, width), padded with block 0."""
+        """The chunks' sequences' block tables (B, width) int64, padded with block 0, on the engine's device."""
         tables = [self.cache.manager.tables[ch.seq] for ch in chunks]
         width = max(map(len, tables))
-        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
+        return torch.from_numpy(np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int64)).to(self.device)
 
     @staticmethod
     def _unsort(outs: list[torch.Tensor], order: list[int]) -> list[torch.Tensor]:

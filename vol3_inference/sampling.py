@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vol3_inference import cpu_kernels
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -146,11 +148,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 def greedy_tokens(rows: list[torch.Tensor]) -> list[int]:
     """The argmax of each of several logits rows (V,) of one step (one device, shape and dtype, as
     `Engine.forward` returns them): `sample_token`'s greedy path for a whole step in one call (the
-    first maximal index on ties, as torch.argmax gives). One argmax over the stacked rows instead of
-    one per row, each of which would pay its own dispatch; a lone row (one request at a time) skips
-    the stacking copy."""
+    first maximal index on ties, or the first NaN, as torch.argmax gives). A lone row (one request at
+    a time) takes torch.argmax. Several float32 rows on the CPU go to the C kernel's `argmax_rows`
+    where it can run: torch's argmax along the rows of a matrix is a scalar loop, a visible part of a
+    many-row decode step on a small model, where the C scan runs 8 floats at a time. Elsewhere one
+    torch.argmax over the stacked rows."""
     if len(rows) <= 1:
         return [int(torch.argmax(z)) for z in rows]
+    if rows[0].dtype is torch.float32 and rows[0].is_cpu and cpu_kernels.unavailable("ops_avx2") is None:
+        return cpu_kernels.argmax_rows(rows if all(z.is_contiguous() for z in rows) else [z.contiguous() for z in rows])
     return torch.argmax(torch.stack(rows), dim=-1).tolist()
 
 

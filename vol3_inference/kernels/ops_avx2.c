@@ -35,10 +35,49 @@ static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 static inline float dot(const float *a, const float *b, int64_t n) {  /* n % 8 == 0 */
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     return hsum_ps(acc);
+}
+
+/* out[r] = the index of the largest of rows[r][0:V) (R rows of V >= 1 floats, anywhere), as torch.argmax
+ * gives it: the first NaN if the row has one, else the first index of the largest value (-0.0 and 0.0
+ * are equal). Two passes, 8 floats at a time: the maximum (and whether a NaN is there), then the first
+ * 8 that hold it, and the index within them. A step's greedy tokens (sampling.greedy_tokens), where torch's argmax along a
+ * row is a scalar loop. */
+void argmax_rows_f32(const float *const *rows, int64_t R, int64_t V, int64_t *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *x = rows[r];
+        __m256 mv = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= V; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            mv = _mm256_max_ps(mv, v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float m = hmax_ps(mv);
+        int has_nan = _mm256_movemask_ps(nan) != 0;
+        for (; i < V; i++) {
+            if (isnan(x[i])) has_nan = 1;
+            else if (x[i] > m) m = x[i];
+        }
+        __m256 target = _mm256_set1_ps(m);
+        int64_t j = 0;
+        for (; j + 8 <= V; j += 8) {  /* the first lane that is NaN, or equal to m */
+            __m256 v = _mm256_loadu_ps(x + j);
+            int hit = _mm256_movemask_ps(has_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+            if (hit) break;
+        }
+        while (j < V - 1 && (has_nan ? !isnan(x[j]) : x[j] != m)) j++;
+        out[r] = j;
+    }
 }
 
 /* x, y (N, D), w (D,); D % 8 == 0. */
@@ -425,9 +464,7 @@ static void attend_rows(const float *q, const float *k_cache, const float *v_cac
                     if (z > m) m = z;
                 }
             }
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            float mb = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            float mb = hmax_ps(mv);
             if (mb > m) m = mb;
             float inv = 1.0f / exp_shift_sum(scores, S, m);
             weighted_values(scores, vbase, table, S, bs, row, hd, inv, out + (b * H + h) * hd);
