@@ -73,3 +73,12 @@ def test_fused_probe_prints_every_row_count_and_keeps_the_context(capsys):
     else:
         assert "cannot run here" in out
     assert probes.main(["fused", "--context", "0"]) == 2
+
+
+def test_argmax_probe_checks_its_tokens_and_prints_every_row_count(capsys):
+    assert probes.main(["argmax", "--presets", "tiny", "--rows", "1,3", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens of one step, vocabulary 300" in out
+    rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert rows == ["1", "3"]
+    assert probes.main(["argmax", "--rows", "0"]) == 2

@@ -1,9 +1,10 @@
-"""Four measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
+"""Five measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
 
     python -m vol3_inference.probes layout     # fp32 weights row-major vs column-major (engine.gemv_layout)
     python -m vol3_inference.probes gemv       # the C fp32 decode GEMV vs MKL (ops.CpuGemvOps)
     python -m vol3_inference.probes fused      # the fused C step vs the same ops called one by one
     python -m vol3_inference.probes compile    # torch.compile of the decode step, and of the small ops
+    python -m vol3_inference.probes argmax     # a step's greedy tokens: torch.argmax vs the C scan
 
 `layout` times the matrix-vector products of one decode step — every weight matrix of a model, cycled
 so that, as in a real step, each comes from DRAM rather than cache — with the weights stored as
@@ -25,6 +26,10 @@ written with static shapes (the block table padded to max_seq_len, a mask instea
 serves every step), eager vs compiled, and (2) the elementwise ops (RMSNorm, RoPE, SwiGLU) compiled as an
 `ops.py` backend inside the unchanged engine. Compile times are printed too. Both run on the trained
 checkpoint when it exists, else on random weights of the same preset.
+
+`argmax` times a step's greedy tokens over logits rows of each preset's vocabulary, as the scheduler
+gets them from `Engine.forward` (views of one matrix): torch.argmax over the stacked rows, and
+`sampling.greedy_tokens` (the C scan `cpu_kernels.argmax_rows` from two rows on), interleaved.
 
 Timings are medians of interleaved rounds on the current thread count (default 1: `--threads`).
 """
@@ -276,11 +281,27 @@ def probe_compile(weights: ModelWeights, rounds: int) -> None:
           f"({med['torch'] / med['compiled']:.2f}x)")
 
 
+def probe_argmax(preset: str, rows: list[int], rounds: int) -> None:
+    from vol3_inference.sampling import greedy_tokens
+
+    V = get_preset(preset).vocab_size
+    print(f"{preset}: greedy tokens of one step, vocabulary {V}, us, median of {rounds} interleaved rounds")
+    print(f"  {'rows':>5s} {'torch.argmax':>13s} {'greedy_tokens':>14s} {'ratio':>7s}")
+    for m in rows:
+        z = list(torch.randn(m, V, generator=torch.Generator().manual_seed(m)).unbind(0))
+        assert greedy_tokens(z) == torch.argmax(torch.stack(z), dim=-1).tolist()
+        t = {k: 1e6 * sec for k, sec in time_interleaved(
+            {"torch": lambda z=z: torch.argmax(torch.stack(z), dim=-1).tolist(), "ours": lambda z=z: greedy_tokens(z)},
+            rounds, reps=200).items()}
+        print(f"  {m:5d} {t['torch']:13.1f} {t['ours']:14.1f} {t['torch'] / t['ours']:6.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m vol3_inference.probes", description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["layout", "gemv", "fused", "compile"], help="which measurement")
-    p.add_argument("--presets", default="seed512,cpu", help="layout, gemv, fused: comma-separated presets")
-    p.add_argument("--rows", default=None, help="layout, fused: batch rows to time (default 1,4,16,64; fused 1,2,4,8,16)")
+    p.add_argument("probe", choices=["layout", "gemv", "fused", "compile", "argmax"], help="which measurement")
+    p.add_argument("--presets", default="seed512,cpu", help="layout, gemv, fused, argmax: comma-separated presets")
+    p.add_argument("--rows", default=None,
+                   help="layout, fused, argmax: batch rows to time (default 1,4,16,64; fused and argmax 1,2,4,8,16)")
     p.add_argument("--context", type=int, default=128, help="fused: tokens of context per sequence")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="compile: checkpoint (else random weights, cpu preset)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
@@ -290,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--rounds, --threads and --context must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    if args.probe in ("layout", "gemv", "fused"):
+    if args.probe in ("layout", "gemv", "fused", "argmax"):
         try:
-            rows = [int(r) for r in (args.rows or ("1,2,4,8,16" if args.probe == "fused" else "1,4,16,64")).split(",")]
+            default_rows = "1,4,16,64" if args.probe == "layout" else "1,2,4,8,16"
+            rows = [int(r) for r in (args.rows or default_rows).split(",")]
             presets = [x.strip() for x in args.presets.split(",") if x.strip()]
             for name in presets:
                 get_preset(name)
@@ -305,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 probe_layout(name, rows, args.rounds)
             elif args.probe == "fused":
                 probe_fused(name, rows, args.rounds, args.context)
+            elif args.probe == "argmax":
+                probe_argmax(name, rows, args.rounds)
             else:
                 probe_gemv(name, args.rounds)
         return 0
