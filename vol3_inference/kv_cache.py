@@ -83,11 +83,14 @@ class BlockManager:
         if need > len(self.free):
             raise OutOfBlocks(f"sequence {seq!r} needs {need} blocks, {len(self.free)} free")
         table = self.tables.setdefault(seq, [])
-        table.extend(self.free.popleft() for _ in range(need))
+        if need:
+            table.extend(self.free.popleft() for _ in range(need))
+            self.peak_blocks_used = max(self.peak_blocks_used, self.used_blocks)
         start = self.lengths.get(seq, 0)
         self.lengths[seq] = start + new_tokens
-        self.peak_blocks_used = max(self.peak_blocks_used, self.used_blocks)
         bs = self.block_size
+        if new_tokens == 1:  # a decode token: every running sequence, every step
+            return [table[start // bs] * bs + start % bs]
         return [table[p // bs] * bs + p % bs for p in range(start, start + new_tokens)]
 
     def truncate(self, seq: Hashable, n_tokens: int) -> int:
