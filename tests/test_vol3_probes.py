@@ -82,3 +82,18 @@ def test_argmax_probe_checks_its_tokens_and_prints_every_row_count(capsys):
     rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert rows == ["1", "3"]
     assert probes.main(["argmax", "--rows", "0"]) == 2
+
+
+def test_overhead_probe_restores_the_fused_step_and_prints_every_row_count(capsys):
+    from vol3_inference import cpu_kernels
+
+    real = cpu_kernels.FusedStep.__call__
+    assert probes.main(["overhead", "--presets", "tiny", "--rows", "1,3", "--rounds", "1"]) == 0
+    assert cpu_kernels.FusedStep.__call__ is real
+    out = capsys.readouterr().out
+    if cpu_kernels.unavailable("ops_avx2") is None:
+        assert "python share" in out
+        rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
+        assert rows == ["1", "3"]
+    else:
+        assert "cannot run here" in out

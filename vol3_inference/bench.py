@@ -289,16 +289,21 @@ def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: 
     return res
 
 
-def decode_step_ms(trace: list) -> dict[int, dict]:
-    """{rows: {"median": ms, "steps": count}} over a run's decode-only steps (no prefill chunk, no
-    padding row), by their number of rows: each step's wall time from the end of the step before, so
-    scheduling and sampling are in it. What one more row costs on this machine: the bound on what
-    batching can gain over one-at-a-time decoding."""
+def decode_step_times(trace: list) -> dict[int, list[float]]:
+    """{rows: [ms, ...]} over a run's decode-only steps (no prefill chunk, no padding row), by their
+    number of rows: each step's wall time from the end of the step before, so scheduling and sampling
+    are in it."""
     by_rows: dict[int, list[float]] = {}
     for (t_prev, _), (t, items) in itertools.pairwise(trace):
         if all(kind == "decode" for _, _, kind in items):
             by_rows.setdefault(len(items), []).append(1e3 * (t - t_prev))
-    return {n: {"median": statistics.median(v), "steps": len(v)} for n, v in sorted(by_rows.items())}
+    return by_rows
+
+
+def decode_step_ms(trace: list) -> dict[int, dict]:
+    """{rows: {"median": ms, "steps": count}} of `decode_step_times`. What one more row costs on this
+    machine: the bound on what batching can gain over one-at-a-time decoding."""
+    return {n: {"median": statistics.median(v), "steps": len(v)} for n, v in sorted(decode_step_times(trace).items())}
 
 
 # The batched policies, by their key in the results: scheduler policy, and the step token budget (a

@@ -1,10 +1,11 @@
-"""Five measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
+"""Six measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
 
     python -m vol3_inference.probes layout     # fp32 weights row-major vs column-major (engine.gemv_layout)
     python -m vol3_inference.probes gemv       # the C fp32 decode GEMV vs MKL (ops.CpuGemvOps)
     python -m vol3_inference.probes fused      # the fused C step vs the same ops called one by one
     python -m vol3_inference.probes compile    # torch.compile of the decode step, and of the small ops
     python -m vol3_inference.probes argmax     # a step's greedy tokens: torch.argmax vs the C scan
+    python -m vol3_inference.probes overhead   # the Python around the fused step, by rows in the step
 
 `layout` times the matrix-vector products of one decode step — every weight matrix of a model, cycled
 so that, as in a real step, each comes from DRAM rather than cache — with the weights stored as
@@ -30,6 +31,12 @@ checkpoint when it exists, else on random weights of the same preset.
 `argmax` times a step's greedy tokens over logits rows of each preset's vocabulary, as the scheduler
 gets them from `Engine.forward` (views of one matrix): torch.argmax over the stacked rows, and
 `sampling.greedy_tokens` (the C scan `cpu_kernels.argmax_rows` from two rows on), interleaved.
+
+`overhead` serves the bench's workload (64 requests, random prompts and weights of each preset) by
+continuous batching, as `bench.run_serving` does, twice per round: as it is, and with the fused C
+step replaced by a stub that returns zero logits, so that what is left is the Python of a step
+(scheduling, the engine's bookkeeping and index tensors, sampling, outputs). It prints the median
+decode-only step time by the number of rows in the step for both, and Python's share.
 
 Timings are medians of interleaved rounds on the current thread count (default 1: `--threads`).
 """
@@ -296,12 +303,51 @@ def probe_argmax(preset: str, rows: list[int], rounds: int) -> None:
         print(f"  {m:5d} {t['torch']:13.1f} {t['ours']:14.1f} {t['torch'] / t['ours']:6.2f}x")
 
 
+def probe_overhead(preset: str, rows: list[int], rounds: int) -> None:
+    from vol3_inference import bench, cpu_kernels
+
+    if (why := cpu_kernels.unavailable("ops_avx2")) is not None:
+        print(f"{preset}: the C kernels cannot run here ({why})")
+        return
+    c = get_preset(preset)
+    torch.manual_seed(0)
+    weights = ModelWeights.from_model(Transformer(c))
+    work = bench.make_workload(64, c.max_seq_len, lambda rng, n: [int(t) for t in rng.integers(1, c.vocab_size, n)],
+                               max_output=256 if c.max_seq_len <= 256 else 128)  # as the bench (seed512: 128)
+    steps: dict[str, dict[int, list[float]]] = {"full": {}, "python": {}}
+    real = cpu_kernels.FusedStep.__call__
+
+    def stub(self, tokens, pos, slots, row_table, block_tables, out_rows, checked=False):
+        return torch.zeros(out_rows.shape[0], self.vocab)
+
+    for _ in range(rounds):
+        for kind in steps:
+            cpu_kernels.FusedStep.__call__ = real if kind == "full" else stub
+            try:
+                trace = bench.run_serving(weights, work, max_batch=max(rows), policy="continuous",
+                                          max_step_tokens=512, trace=True)["trace"]
+            finally:
+                cpu_kernels.FusedStep.__call__ = real
+            for m, times in bench.decode_step_times(trace).items():
+                steps[kind].setdefault(m, []).extend(times)
+    print(f"{preset}: decode-only steps of continuous batching (64 requests), ms, median over {rounds} round(s); "
+          f"'python only': the fused C step stubbed out")
+    print(f"  {'rows':>5s} {'full step':>10s} {'python only':>12s} {'python share':>13s}")
+    for m in rows:
+        if m in steps["full"] and m in steps["python"]:
+            f, py = statistics.median(steps["full"][m]), statistics.median(steps["python"][m])
+            print(f"  {m:5d} {f:10.3f} {py:12.3f} {py / f:12.0%}")
+        else:
+            print(f"  {m:5d} (no decode-only step of {m} rows in this workload)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m vol3_inference.probes", description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["layout", "gemv", "fused", "compile", "argmax"], help="which measurement")
-    p.add_argument("--presets", default="seed512,cpu", help="layout, gemv, fused, argmax: comma-separated presets")
+    p.add_argument("probe", choices=["layout", "gemv", "fused", "compile", "argmax", "overhead"], help="which measurement")
+    p.add_argument("--presets", default="seed512,cpu", help="every probe but compile: comma-separated presets")
     p.add_argument("--rows", default=None,
-                   help="layout, fused, argmax: batch rows to time (default 1,4,16,64; fused and argmax 1,2,4,8,16)")
+                   help="layout, fused, argmax, overhead: batch rows to time (default 1,4,16,64; the others "
+                        "1,2,4,8,16; overhead: the largest is the batch slots)")
     p.add_argument("--context", type=int, default=128, help="fused: tokens of context per sequence")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="compile: checkpoint (else random weights, cpu preset)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
@@ -311,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--rounds, --threads and --context must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    if args.probe in ("layout", "gemv", "fused", "argmax"):
+    if args.probe in ("layout", "gemv", "fused", "argmax", "overhead"):
         try:
             default_rows = "1,4,16,64" if args.probe == "layout" else "1,2,4,8,16"
             rows = [int(r) for r in (args.rows or default_rows).split(",")]
@@ -329,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 probe_fused(name, rows, args.rounds, args.context)
             elif args.probe == "argmax":
                 probe_argmax(name, rows, args.rounds)
+            elif args.probe == "overhead":
+                probe_overhead(name, rows, args.rounds)
             else:
                 probe_gemv(name, args.rounds)
         return 0
