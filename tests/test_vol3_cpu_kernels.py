@@ -292,6 +292,7 @@ def test_argmax_rows_is_torch_argmax(rows, vocab, seed, specials):
 @no_ops
 def test_argmax_rows_refuses_what_it_cannot_take():
     z = torch.zeros(3, 8)
-    for bad in ([], [z[0].double()], [z[:, 0]], [z[0], z[1, :4]], [torch.zeros(0)], [z]):
+    for bad in ([], [z[0].double()], [z[:, 0]], [z[0], z[1, :4]], [torch.zeros(0)], [z], [z[0], z[1].double()],
+                [z[0], z[1:, 0]], [torch._neg_view(z[0])]):
         with pytest.raises(ValueError):
             cpu_kernels.argmax_rows(bad)

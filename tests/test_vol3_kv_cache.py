@@ -22,6 +22,7 @@ ops = st.lists(st.one_of(
 @given(n_blocks=st.integers(1, 12), block_size=st.integers(1, 5), ops=ops)
 def test_block_manager_invariants(n_blocks, block_size, ops):
     mgr = BlockManager(n_blocks, block_size)
+    peak = 0  # the most blocks in use after any operation
     owner: dict[int, int] = {}  # slot -> seq, a model of who owns which token slots
     slots_of: dict[int, list[int]] = {}  # seq -> its slots, in token order
     lengths: dict[int, int] = {}
@@ -64,6 +65,8 @@ def test_block_manager_invariants(n_blocks, block_size, ops):
             slots_of.pop(seq, None)
             lengths.pop(seq, None)
         mgr.check()
+        peak = max(peak, mgr.used_blocks)
+        assert mgr.peak_blocks_used == peak
         assert {k: v for k, v in mgr.lengths.items()} == lengths
         # accounting balances, and waste is under one block per sequence
         u = mgr.utilisation()

@@ -8,7 +8,8 @@ Two small libraries in `kernels/`:
     the "cpu" backend of `ops.py`, which cuts the per-op dispatch cost that dominates a small model's
     decode step (and a fp32 decode GEMV for the opt-in "cpu-gemv" backend); and the fused step,
     `forward_step_f32` (`FusedStep` here), a whole engine step in one call, with a matmul on packed
-    weights. It is linked with `w8a16_avx2.c` (`LINKED`) for its int8 matrices.
+    weights. It is linked with `w8a16_avx2.c` (`LINKED`) for its int8 matrices. And `argmax_rows`,
+    the greedy tokens of a step's logits rows (`sampling.greedy_tokens`, whatever the backend).
 
 This module compiles each once per source version with `cc -O3 -mavx2 -mfma` into a cache folder
 (`$VOL3_KERNEL_CACHE`, default `~/.cache/llama-from-scratch/kernels`), loads it, and wraps it for
@@ -171,8 +172,8 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 
 def _f32_cpu(*ts: torch.Tensor) -> bool:
     """Every tensor float32, contiguous, on the CPU (a plain loop: this runs several times per layer)."""
-    for t in ts:
-        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+    for t in ts:  # a negative view (torch._neg_view) would hand C its unnegated data
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or t.is_neg():
             return False
     return True
 

@@ -280,7 +280,7 @@ class Engine:
             row_seq = [j for j, ch in enumerate(chunks) for _ in ch.tokens]  # each row's chunk
             bounds = list(itertools.accumulate((len(ch.tokens) for ch in chunks), initial=0))
             out_rows = range(N) if all_logits else [b - 1 for b in bounds[1:]]
-            # int64 index tensors through NumPy: torch.tensor on a Python list costs several times more
+            # int64 index tensors through NumPy, which converts Python lists faster than torch.tensor does
             tok, pos, slot, seq = torch.from_numpy(np.array([tokens, positions, slots, row_seq], dtype=np.int64)).unbind(0)
             logits = self.fused(tok, pos, slot, seq, self._tables(chunks),
                                 torch.from_numpy(np.array(out_rows, dtype=np.int64)),

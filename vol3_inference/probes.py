@@ -33,10 +33,12 @@ gets them from `Engine.forward` (views of one matrix): torch.argmax over the sta
 `sampling.greedy_tokens` (the C scan `cpu_kernels.argmax_rows` from two rows on), interleaved.
 
 `overhead` serves the bench's workload (64 requests, random prompts and weights of each preset) by
-continuous batching, as `bench.run_serving` does, twice per round: as it is, and with the fused C
-step replaced by a stub that returns zero logits, so that what is left is the Python of a step
-(scheduling, the engine's bookkeeping and index tensors, sampling, outputs). It prints the median
-decode-only step time by the number of rows in the step for both, and Python's share.
+continuous batching with the largest of `--rows` as its slots, as `bench.run_serving` does, twice per
+round: as it is, and with the fused C step replaced by a stub that returns a slice of logits made
+once, so that what is left is the Python of a step (scheduling, the engine's bookkeeping and index
+tensors, sampling, outputs). It prints the median decode-only step time by the number of rows in
+the step for both, Python's share, and how many steps each median is over: full batches are most of
+the steps, and fewer rows occur only while the batch drains at the end.
 
 Timings are medians of interleaved rounds on the current thread count (default 1: `--threads`).
 """
@@ -296,7 +298,8 @@ def probe_argmax(preset: str, rows: list[int], rounds: int) -> None:
     print(f"  {'rows':>5s} {'torch.argmax':>13s} {'greedy_tokens':>14s} {'ratio':>7s}")
     for m in rows:
         z = list(torch.randn(m, V, generator=torch.Generator().manual_seed(m)).unbind(0))
-        assert greedy_tokens(z) == torch.argmax(torch.stack(z), dim=-1).tolist()
+        if greedy_tokens(z) != torch.argmax(torch.stack(z), dim=-1).tolist():
+            raise AssertionError(f"{preset}: greedy_tokens disagrees with torch.argmax at {m} rows")
         t = {k: 1e6 * sec for k, sec in time_interleaved(
             {"torch": lambda z=z: torch.argmax(torch.stack(z), dim=-1).tolist(), "ours": lambda z=z: greedy_tokens(z)},
             rounds, reps=200).items()}
@@ -316,9 +319,12 @@ def probe_overhead(preset: str, rows: list[int], rounds: int) -> None:
                                max_output=256 if c.max_seq_len <= 256 else 128)  # as the bench (seed512: 128)
     steps: dict[str, dict[int, list[float]]] = {"full": {}, "python": {}}
     real = cpu_kernels.FusedStep.__call__
+    logits = torch.randn(512, c.vocab_size)  # made once: the stub costs a slice (a step has <= 512 rows)
+    calls = [0]
 
     def stub(self, tokens, pos, slots, row_table, block_tables, out_rows, checked=False):
-        return torch.zeros(out_rows.shape[0], self.vocab)
+        calls[0] += 1
+        return logits[:out_rows.shape[0]]
 
     for _ in range(rounds):
         for kind in steps:
@@ -330,13 +336,16 @@ def probe_overhead(preset: str, rows: list[int], rounds: int) -> None:
                 cpu_kernels.FusedStep.__call__ = real
             for m, times in bench.decode_step_times(trace).items():
                 steps[kind].setdefault(m, []).extend(times)
-    print(f"{preset}: decode-only steps of continuous batching (64 requests), ms, median over {rounds} round(s); "
-          f"'python only': the fused C step stubbed out")
-    print(f"  {'rows':>5s} {'full step':>10s} {'python only':>12s} {'python share':>13s}")
+    if calls[0] == 0:  # the engine never took the fused path: there was nothing to stub out
+        print(f"{preset}: the engine did not run the fused step, so there is no Python-only figure")
+        return
+    print(f"{preset}: decode-only steps of continuous batching (64 requests, {max(rows)} slots), ms, median of the "
+          f"steps of {rounds} round(s) with that many rows; 'python only': the fused C step stubbed out")
+    print(f"  {'rows':>5s} {'full step':>10s} {'python only':>12s} {'python share':>13s} {'steps':>6s}")
     for m in rows:
         if m in steps["full"] and m in steps["python"]:
             f, py = statistics.median(steps["full"][m]), statistics.median(steps["python"][m])
-            print(f"  {m:5d} {f:10.3f} {py:12.3f} {py / f:12.0%}")
+            print(f"  {m:5d} {f:10.3f} {py:12.3f} {py / f:12.0%} {len(steps['full'][m]):6d}")
         else:
             print(f"  {m:5d} (no decode-only step of {m} rows in this workload)")
 
@@ -346,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("probe", choices=["layout", "gemv", "fused", "compile", "argmax", "overhead"], help="which measurement")
     p.add_argument("--presets", default="seed512,cpu", help="every probe but compile: comma-separated presets")
     p.add_argument("--rows", default=None,
-                   help="layout, fused, argmax, overhead: batch rows to time (default 1,4,16,64; the others "
-                        "1,2,4,8,16; overhead: the largest is the batch slots)")
+                   help="layout, fused, argmax, overhead: batch rows to time (default: layout 1,4,16,64, the "
+                        "others 1,2,4,8,16; overhead: the largest is the batch slots)")
     p.add_argument("--context", type=int, default=128, help="fused: tokens of context per sequence")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="compile: checkpoint (else random weights, cpu preset)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")

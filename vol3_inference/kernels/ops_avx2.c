@@ -17,6 +17,7 @@
  *   matmul_packed_f32: y = x @ W^T with W packed in 16-column panels, the fused step's matmul.
  *   forward_step_f32: a whole engine step (embedding, every layer, the LM head) for any mix of decode
  *     rows and prefill chunks, built from the pieces above (see "A whole engine step" below).
+ *   argmax_rows_f32: the greedy token of each of a step's logits rows, as torch.argmax gives it.
  *
  * float32 activations; the caller (vol3_inference/cpu_kernels.py) checks shapes, dtypes and
  * contiguity, and each kernel checks every index it reads through.
@@ -50,8 +51,8 @@ static inline float dot(const float *a, const float *b, int64_t n) {  /* n % 8 =
 /* out[r] = the index of the largest of rows[r][0:V) (R rows of V >= 1 floats, anywhere), as torch.argmax
  * gives it: the first NaN if the row has one, else the first index of the largest value (-0.0 and 0.0
  * are equal). Two passes, 8 floats at a time: the maximum (and whether a NaN is there), then the first
- * 8 that hold it, and the index within them. A step's greedy tokens (sampling.greedy_tokens), where torch's argmax along a
- * row is a scalar loop. */
+ * 8 that hold it, and the index within them. A step's greedy tokens (sampling.greedy_tokens), where
+ * torch's argmax along a row is a scalar loop. */
 void argmax_rows_f32(const float *const *rows, int64_t R, int64_t V, int64_t *out) {
     for (int64_t r = 0; r < R; r++) {
         const float *x = rows[r];
