@@ -95,5 +95,5 @@ def test_greedy_tokens_of_mixed_or_negated_rows_are_still_torch_argmax():
     z = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 7.0, 7.0]])
     want = [1, 2]
     assert greedy_tokens([z[0], z[1].double()]) == want  # not all float32: the torch route
-    assert greedy_tokens([z[0], torch._neg_view(-z[1])]) == want  # a negative view: copied first
-    assert greedy_tokens([z[:, 0], z[:, 2]]) == [1, 1]  # columns: not contiguous
+    assert greedy_tokens([z[0], torch._neg_view(-z[1])]) == want  # a negative view: the torch route
+    assert greedy_tokens([z[:, 0], z[:, 2]]) == [1, 1]  # columns, not contiguous: the torch route

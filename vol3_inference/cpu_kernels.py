@@ -198,19 +198,27 @@ def _fail(op: str, why: str | None) -> None:
         raise ValueError(f"{op}: {why}")
 
 
-def argmax_rows(rows: Sequence[torch.Tensor]) -> list[int]:
+def argmax_rows_problem(rows: Sequence[torch.Tensor]) -> str | None:
+    if not rows or rows[0].dim() != 1 or rows[0].shape[0] < 1 or not _f32_cpu(*rows):
+        return "float32 contiguous CPU rows (V,), V >= 1, expected"
+    V = rows[0].shape[0]
+    if not all(z.shape == (V,) for z in rows):
+        return "rows of one length V expected"
+    return None
+
+
+def argmax_rows(rows: Sequence[torch.Tensor], checked: bool = False) -> list[int]:
     """torch.argmax of each of R logits rows (V,), float32 contiguous CPU tensors of one length V >= 1,
     anywhere in memory (`Engine.forward`'s rows are views of one matrix, reordered), in one call
     (`argmax_rows_f32`): the first index of each row's largest value, or of its first NaN. Raises
-    ValueError for other rows, KernelUnavailable where the kernels cannot run."""
+    ValueError for other rows (unless the caller `checked` them with `argmax_rows_problem`),
+    KernelUnavailable where the kernels cannot run."""
     lib = _lib("ops_avx2")
-    shape = rows[0].shape if rows else None
-    if (not rows or len(shape) != 1 or shape[0] < 1 or not _f32_cpu(*rows)
-            or not all(z.shape == shape for z in rows)):
-        raise ValueError("argmax_rows: float32 contiguous CPU rows (V,) of one length V >= 1 expected")
+    if not checked:
+        _fail("argmax_rows", argmax_rows_problem(rows))
     out = torch.empty(len(rows), dtype=torch.long)
     ptrs = (ctypes.c_void_p * len(rows))(*[z.data_ptr() for z in rows])
-    lib.argmax_rows_f32(ptrs, len(rows), shape[0], out.data_ptr())
+    lib.argmax_rows_f32(ptrs, len(rows), rows[0].shape[0], out.data_ptr())
     return out.tolist()
 
 

@@ -149,15 +149,15 @@ def greedy_tokens(rows: list[torch.Tensor]) -> list[int]:
     """The argmax of each of several logits rows (V,) of one step (one device, shape and dtype, as
     `Engine.forward` returns them): `sample_token`'s greedy path for a whole step in one call (the
     first maximal index on ties, or the first NaN, as torch.argmax gives). A lone row (one request at
-    a time) takes torch.argmax. Several float32 rows on the CPU go to the C kernel's `argmax_rows`
-    where it can run: torch's argmax along the rows of a matrix is a scalar loop, a visible part of a
+    a time) takes torch.argmax. Several float32 contiguous rows on the CPU go to the C kernel's
+    `argmax_rows` where it can run: torch's argmax along the rows of a matrix is a scalar loop, a visible part of a
     many-row decode step on a small model, where the C scan runs 8 floats at a time (the kernel
     library is built at its first use, whatever the engine's backend). Elsewhere one torch.argmax
     over the stacked rows."""
     if len(rows) <= 1:
         return [int(torch.argmax(z)) for z in rows]
-    if all(z.dtype is torch.float32 and z.is_cpu and not z.is_neg() for z in rows) and cpu_kernels.unavailable("ops_avx2") is None:
-        return cpu_kernels.argmax_rows([z if z.is_contiguous() else z.contiguous() for z in rows])
+    if cpu_kernels.unavailable("ops_avx2") is None and cpu_kernels.argmax_rows_problem(rows) is None:
+        return cpu_kernels.argmax_rows(rows, checked=True)
     return torch.argmax(torch.stack(rows), dim=-1).tolist()
 
 
