@@ -152,12 +152,14 @@ void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int
  * to finish and two start per cycle, so about 8 independent chains must be in flight: a block of 6
  * rows x 2 vectors gives 12 (the most that fit: 12 accumulators, 2 weight vectors and a broadcast fill
  * 15 of the 16 vector registers; a block of 2-3 rows has only 4-6, which costs speed, not bits); each
- * pair of weight vectors loaded serves all MB rows. MB is a compile-time constant in each copy. */
+ * pair of weight vectors loaded serves all MB rows. MB is a compile-time constant in each copy.
+ * pf: NULL, or the next panel, prefetched into L1 one 64-byte line per k (see matmul_packed). */
 #define ROWS_KERNEL(MB)                                                                                    \
-    static void rows_##MB(const float *x, int64_t K, const float *panel, float *out) {                     \
+    static void rows_##MB(const float *x, int64_t K, const float *panel, float *out, const float *pf) {    \
         __m256 a0[MB], a1[MB];                                                                             \
         for (int j = 0; j < MB; j++) a0[j] = a1[j] = _mm256_setzero_ps();                                  \
         for (int64_t k = 0; k < K; k++) {                                                                  \
+            if (pf) _mm_prefetch((const char *)(pf + k * PANEL), _MM_HINT_T0);                             \
             __m256 w0 = _mm256_loadu_ps(panel + k * PANEL), w1 = _mm256_loadu_ps(panel + k * PANEL + 8);   \
             for (int j = 0; j < MB; j++) {                                                                 \
                 __m256 xk = _mm256_broadcast_ss(x + j * K + k);                                            \
@@ -217,8 +219,11 @@ static inline void put_panel(float *y, const float *o, int64_t cols, int accumul
 
 /* y (M, N) = x (M, K) @ W^T, or y += with `accumulate`, W packed (see above). A single row goes 4
  * panels at a time; several rows go one panel at a time, in blocks of up to 6 rows sized evenly
- * (M = 16: 6, 5, 5), each panel running over every block while it is in L1/L2. Work units (panels,
- * or groups of 4) are split over n_threads OpenMP threads in contiguous ranges. */
+ * (M = 16: 5, 5, 6), each panel running over every block while it is in L1/L2. Work units (panels,
+ * or groups of 4) are split over n_threads OpenMP threads in contiguous ranges. The first block of a
+ * panel would wait on its lines from L3 or memory, so the second block, which finds the panel in L1
+ * and leaves the memory system idle, prefetches the thread's next panel (the only block does, when
+ * there is one). (Units handed out one at a time instead, OpenMP's dynamic schedule, ran slower.) */
 static void matmul_packed(const float *x, const float *packed, float *y, int64_t M, int64_t N, int64_t K,
                           int accumulate, int64_t n_threads) {
     int64_t panels = (N + PANEL - 1) / PANEL, per = M == 1 ? 4 : 1, units = (panels + per - 1) / per;
@@ -233,7 +238,7 @@ static void matmul_packed(const float *x, const float *packed, float *y, int64_t
             if (M == 1) {
                 if (np == 4) row_x4(x, K, panel, out);
                 else
-                    for (int64_t q = 0; q < np; q++) rows_1(x, K, panel + q * K * PANEL, out + q * PANEL);
+                    for (int64_t q = 0; q < np; q++) rows_1(x, K, panel + q * K * PANEL, out + q * PANEL, NULL);
                 for (int64_t q = 0; q < np; q++) {
                     int64_t n = (p0 + q) * PANEL;
                     put_panel(y + n, out + q * PANEL, N - n < PANEL ? N - n : PANEL, accumulate);
@@ -241,16 +246,17 @@ static void matmul_packed(const float *x, const float *packed, float *y, int64_t
                 continue;
             }
             int64_t n = p0 * PANEL, cols = N - n < PANEL ? N - n : PANEL;
+            const float *next = u + 1 < units * (t + 1) / n_threads ? panel + K * PANEL : NULL;
             for (int64_t b = 0; b < blocks; b++) {
                 int64_t m = M * b / blocks, mb = M * (b + 1) / blocks - m;
-                const float *xb = x + m * K;
+                const float *xb = x + m * K, *pf = b == (blocks > 1) ? next : NULL;
                 switch (mb) {
-                    case 1: rows_1(xb, K, panel, out); break;
-                    case 2: rows_2(xb, K, panel, out); break;
-                    case 3: rows_3(xb, K, panel, out); break;
-                    case 4: rows_4(xb, K, panel, out); break;
-                    case 5: rows_5(xb, K, panel, out); break;
-                    default: rows_6(xb, K, panel, out); break;
+                    case 1: rows_1(xb, K, panel, out, pf); break;
+                    case 2: rows_2(xb, K, panel, out, pf); break;
+                    case 3: rows_3(xb, K, panel, out, pf); break;
+                    case 4: rows_4(xb, K, panel, out, pf); break;
+                    case 5: rows_5(xb, K, panel, out, pf); break;
+                    default: rows_6(xb, K, panel, out, pf); break;
                 }
                 for (int64_t j = 0; j < mb; j++) put_panel(y + (m + j) * N + n, out + j * PANEL, cols, accumulate);
             }
