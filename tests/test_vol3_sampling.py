@@ -71,7 +71,7 @@ def test_one_argmax_for_a_step_picks_what_each_row_would_alone(rows, vocab, seed
     z = torch.randint(-3, 3, (rows, vocab), generator=g).float()
     if rows > 1:
         z[1] = float("nan")  # a NaN is argmax's maximum either way
-    assert greedy_tokens(list(z.unbind(0))) == [sample_token(r, SamplingParams()) for r in z.unbind(0)]
+    assert greedy_tokens(z) == [sample_token(r, SamplingParams()) for r in z.unbind(0)]
 
 
 @pytest.mark.parametrize("field,value", [
@@ -91,9 +91,13 @@ def test_stop_strings():
     assert find_stop("xxab", ("x",), 2) == -1
 
 
-def test_greedy_tokens_of_mixed_or_negated_rows_are_still_torch_argmax():
+def test_greedy_tokens_of_other_dtypes_or_layouts_are_still_torch_argmax():
     z = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 7.0, 7.0]])
     want = [1, 2]
-    assert greedy_tokens([z[0], z[1].double()]) == want  # not all float32: the torch route
-    assert greedy_tokens([z[0], torch._neg_view(-z[1])]) == want  # a negative view: the torch route
-    assert greedy_tokens([z[:, 0], z[:, 2]]) == [1, 1]  # columns, not contiguous: the torch route
+    assert greedy_tokens(z) == want
+    assert greedy_tokens(z.double()) == want  # not float32: the torch route
+    assert greedy_tokens(torch._neg_view(-z)) == want  # a negative view: the torch route
+    assert greedy_tokens(z.t().contiguous().t()) == want  # rows not contiguous: the torch route
+    assert greedy_tokens(z[:, 1:]) == [0, 1]  # a slice: the C route, rows a stride of 4 apart
+    with pytest.raises(ValueError, match="logits \\(R, V\\)"):
+        greedy_tokens(z[0])

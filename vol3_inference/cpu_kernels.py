@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ SIGNATURES = {  # library -> {function: argument types}
                  "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F],
                  "matmul_packed_f32": [_P] * 3 + [_I] * 5,
                  "forward_step_f32": [_P] * 8 + [_I] * 5,
-                 "argmax_rows_f32": [_P, _I, _I, _P]},
+                 "argmax_rows_f32": [_P, _I, _I, _I, _P]},
 }
 LINKED = {"ops_avx2": ("w8a16_avx2.c",)}  # other sources built into a library (the fused step's int8 matmul)
 RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes; the others return nothing
@@ -198,27 +197,26 @@ def _fail(op: str, why: str | None) -> None:
         raise ValueError(f"{op}: {why}")
 
 
-def argmax_rows_problem(rows: Sequence[torch.Tensor]) -> str | None:
-    if not rows or rows[0].dim() != 1 or rows[0].shape[0] < 1 or not _f32_cpu(*rows):
-        return "float32 contiguous CPU rows (V,), V >= 1, expected"
-    V = rows[0].shape[0]
-    if not all(z.shape == (V,) for z in rows):
-        return "rows of one length V expected"
+def argmax_rows_problem(x: torch.Tensor) -> str | None:
+    if x.dim() != 2 or x.shape[1] < 1 or not x.is_cpu or x.dtype is not torch.float32 or x.is_neg():
+        return f"float32 logits (R, V) on the CPU, V >= 1, expected, got {x.dtype} {tuple(x.shape)} on {x.device}"
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        return "logits rows each contiguous (x.stride(1) == 1) expected"
     return None
 
 
-def argmax_rows(rows: Sequence[torch.Tensor], checked: bool = False) -> list[int]:
-    """torch.argmax of each of R logits rows (V,), float32 contiguous CPU tensors of one length V >= 1,
-    anywhere in memory (`Engine.forward`'s rows are views of one matrix, reordered), in one call
-    (`argmax_rows_f32`): the first index of each row's largest value, or of its first NaN. Raises
-    ValueError for other rows (unless the caller `checked` them with `argmax_rows_problem`),
-    KernelUnavailable where the kernels cannot run."""
+def argmax_rows(x: torch.Tensor, checked: bool = False) -> list[int]:
+    """torch.argmax(x, dim=-1) of logits x (R, V), float32 on the CPU, V >= 1, each row contiguous
+    (rows may be any stride apart: a slice of a larger matrix), in one call (`argmax_rows_f32`): the
+    first index of each row's largest value, or of its first NaN. Raises ValueError for other input
+    (unless the caller `checked` it with `argmax_rows_problem`), KernelUnavailable where the kernels
+    cannot run."""
     lib = _lib("ops_avx2")
     if not checked:
-        _fail("argmax_rows", argmax_rows_problem(rows))
-    out = torch.empty(len(rows), dtype=torch.long)
-    ptrs = (ctypes.c_void_p * len(rows))(*[z.data_ptr() for z in rows])
-    lib.argmax_rows_f32(ptrs, len(rows), rows[0].shape[0], out.data_ptr())
+        _fail("argmax_rows", argmax_rows_problem(x))
+    R, V = x.shape
+    out = torch.empty(R, dtype=torch.long)
+    lib.argmax_rows_f32(x.data_ptr(), R, V, x.stride(0), out.data_ptr())
     return out.tolist()
 
 

@@ -230,7 +230,6 @@ class Engine:
             return e.q[tokens].to(self.weights.dtype) * e.scale[tokens, None].to(self.weights.dtype)
         return e[tokens]  # (N, D)
 
-    @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk], all_logits: bool = False) -> list[torch.Tensor]:
         """Run one step: append every chunk's tokens to its sequence's cache and return logits.
 
@@ -242,6 +241,15 @@ class Engine:
             ValueError: a start_pos that does not match the cache, a repeated sequence, an empty
                 chunk, positions past max_seq_len, or token ids outside the vocabulary.
         """
+        return self._step(chunks, True) if all_logits else list(self._step(chunks, False).unbind(0))
+
+    def forward_last(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """`forward` as one matrix: the logits of each chunk's last token (len(chunks), V), row i for
+        chunks[i]. What the scheduler takes, once per step: no tensor per row. Raises as `forward`."""
+        return self._step(chunks, False)
+
+    @torch.inference_mode()
+    def _step(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
         c, ops, mgr = self.config, self.ops, self.cache.manager
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         seqs = [ch.seq for ch in chunks]
@@ -267,6 +275,10 @@ class Engine:
         order = sorted(range(len(chunks)), key=lambda i: (not self._is_decode(chunks[i]), chunks[i].start_pos))
         chunks = [chunks[i] for i in order]
         n_dec = sum(self._is_decode(ch) for ch in chunks)
+        bounds = list(itertools.accumulate((len(ch.tokens) for ch in chunks), initial=0))
+        last = np.empty(len(chunks), dtype=np.int64)  # the caller's chunk i ends at row last[i]
+        last[order] = bounds[1:]
+        last -= 1
         tokens, positions, slots = [], [], []
         for ch in chunks:
             tokens.extend(ch.tokens)
@@ -278,16 +290,12 @@ class Engine:
             # The whole step in one C call (cpu_kernels.FusedStep). Its int8 matmul is the w8a16
             # route's, so under another route (the bench compares them) the step runs op by op.
             row_seq = [j for j, ch in enumerate(chunks) for _ in ch.tokens]  # each row's chunk
-            bounds = list(itertools.accumulate((len(ch.tokens) for ch in chunks), initial=0))
-            out_rows = range(N) if all_logits else [b - 1 for b in bounds[1:]]
             # int64 index tensors through NumPy, which converts Python lists faster than torch.tensor does
             tok, pos, slot, seq = torch.from_numpy(np.array([tokens, positions, slots, row_seq], dtype=np.int64)).unbind(0)
             logits = self.fused(tok, pos, slot, seq, self._tables(chunks),
-                                torch.from_numpy(np.array(out_rows, dtype=np.int64)),
+                                torch.from_numpy(np.arange(N, dtype=np.int64) if all_logits else last),
                                 checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
-            outs = ([logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits
-                    else list(logits.unbind(0)))
-            return self._unsort(outs, order)
+            return self._unsort([logits[a:b] for a, b in itertools.pairwise(bounds)], order) if all_logits else logits
         tok, pos, slot = torch.tensor([tokens, positions, slots], dtype=torch.long, device=dev)  # one upload
         # The reference's batched decode attention pads every sequence to the longest one in its call.
         # Mixing short and long contexts (what continuous batching does) would waste up to half of that
@@ -305,9 +313,7 @@ class Engine:
             prefills.append((row, len(ch.tokens), ch.start_pos, self.cache.block_table(ch.seq)))
             row += len(ch.tokens)
 
-        last = None if all_logits or N == len(chunks) else (  # each chunk's last row (all rows if one token each),
-            # uploaded before the layers keep a GPU busy
-            torch.tensor(list(itertools.accumulate(len(ch.tokens) for ch in chunks)), dtype=torch.long, device=dev) - 1)
+        last_rows = None if all_logits else torch.from_numpy(last).to(dev)  # uploaded before the layers keep a GPU busy
         x = self._embed(tok)  # (N, D)
         for li, L in enumerate(self.weights.layers):
             kc, vc = self._layer_caches[li]  # (NB, bs, Hkv, hd) each
@@ -329,12 +335,9 @@ class Engine:
 
         if all_logits:
             logits = ops.linear(ops.rmsnorm(x, self.weights.norm, c.norm_eps), self.weights.output)  # (N, V)
-            bounds = list(itertools.accumulate([len(ch.tokens) for ch in chunks], initial=0))
-            outs = [logits[a:b] for a, b in itertools.pairwise(bounds)]
-        else:
-            h = ops.rmsnorm(x if last is None else x[last], self.weights.norm, c.norm_eps)  # (B, D)
-            outs = list(ops.linear(h, self.weights.output).unbind(0))  # B x (V,)
-        return self._unsort(outs, order)
+            return self._unsort([logits[a:b] for a, b in itertools.pairwise(bounds)], order)
+        h = ops.rmsnorm(x[last_rows], self.weights.norm, c.norm_eps)  # (B, D), in the caller's chunk order
+        return ops.linear(h, self.weights.output)  # (B, V)
 
     def _tables(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """The chunks' sequences' block tables (B, width) int64, padded with block 0, on the engine's device."""

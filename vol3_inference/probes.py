@@ -28,9 +28,9 @@ serves every step), eager vs compiled, and (2) the elementwise ops (RMSNorm, RoP
 `ops.py` backend inside the unchanged engine. Compile times are printed too. Both run on the trained
 checkpoint when it exists, else on random weights of the same preset.
 
-`argmax` times a step's greedy tokens over logits rows of each preset's vocabulary, as the scheduler
-gets them from `Engine.forward` (views of one matrix): torch.argmax over the stacked rows, and
-`sampling.greedy_tokens` (the C scan `cpu_kernels.argmax_rows` from two rows on), interleaved.
+`argmax` times a step's greedy tokens over a logits matrix of each preset's vocabulary, as the
+scheduler gets it from `Engine.forward_last`: torch.argmax along its rows, and `sampling.greedy_tokens`
+(the C scan `cpu_kernels.argmax_rows`), interleaved.
 
 `overhead` serves the bench's workload (64 requests, random prompts and weights of each preset) by
 continuous batching with the largest of `--rows` as its slots, as `bench.run_serving` does, twice per
@@ -297,11 +297,11 @@ def probe_argmax(preset: str, rows: list[int], rounds: int) -> None:
     print(f"{preset}: greedy tokens of one step, vocabulary {V}, us, median of {rounds} interleaved rounds")
     print(f"  {'rows':>5s} {'torch.argmax':>13s} {'greedy_tokens':>14s} {'ratio':>7s}")
     for m in rows:
-        z = list(torch.randn(m, V, generator=torch.Generator().manual_seed(m)).unbind(0))
-        if greedy_tokens(z) != torch.argmax(torch.stack(z), dim=-1).tolist():
+        z = torch.randn(m, V, generator=torch.Generator().manual_seed(m))
+        if greedy_tokens(z) != torch.argmax(z, dim=-1).tolist():
             raise AssertionError(f"{preset}: greedy_tokens disagrees with torch.argmax at {m} rows")
         t = {k: 1e6 * sec for k, sec in time_interleaved(
-            {"torch": lambda z=z: torch.argmax(torch.stack(z), dim=-1).tolist(), "ours": lambda z=z: greedy_tokens(z)},
+            {"torch": lambda z=z: torch.argmax(z, dim=-1).tolist(), "ours": lambda z=z: greedy_tokens(z)},
             rounds, reps=200).items()}
         print(f"  {m:5d} {t['torch']:13.1f} {t['ours']:14.1f} {t['torch'] / t['ours']:6.2f}x")
 

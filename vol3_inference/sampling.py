@@ -145,20 +145,19 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def greedy_tokens(rows: list[torch.Tensor]) -> list[int]:
-    """The argmax of each of several logits rows (V,) of one step (one device, shape and dtype, as
-    `Engine.forward` returns them): `sample_token`'s greedy path for a whole step in one call (the
-    first maximal index on ties, or the first NaN, as torch.argmax gives). A lone row (one request at
-    a time) takes torch.argmax. Several float32 contiguous rows on the CPU go to the C kernel's
-    `argmax_rows` where it can run: torch's argmax along the rows of a matrix is a scalar loop, a visible part of a
-    many-row decode step on a small model, where the C scan runs 8 floats at a time (the kernel
-    library is built at its first use, whatever the engine's backend). Elsewhere one torch.argmax
-    over the stacked rows."""
-    if len(rows) <= 1:
-        return [int(torch.argmax(z)) for z in rows]
-    if cpu_kernels.unavailable("ops_avx2") is None and cpu_kernels.argmax_rows_problem(rows) is None:
-        return cpu_kernels.argmax_rows(rows, checked=True)
-    return torch.argmax(torch.stack(rows), dim=-1).tolist()
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of a step's logits (R, V), as `Engine.forward_last` returns them:
+    `sample_token`'s greedy path for a whole step in one call (the first maximal index on ties, or the
+    first NaN, as torch.argmax gives). float32 rows on the CPU, each contiguous, go to the C kernel's
+    `argmax_rows` where it can run: torch's argmax along a row is a scalar loop, a visible part of a
+    many-row decode step on a small model (and of any step over a 32,000-token vocabulary), where the
+    C scan runs 8 floats at a time (the kernel library is built at its first use, whatever the
+    engine's backend). Elsewhere torch.argmax. Raises ValueError unless logits is 2-D."""
+    if logits.dim() != 2:
+        raise ValueError(f"greedy_tokens: logits (R, V) expected, got shape {tuple(logits.shape)}")
+    if cpu_kernels.unavailable("ops_avx2") is None and cpu_kernels.argmax_rows_problem(logits) is None:
+        return cpu_kernels.argmax_rows(logits, checked=True)
+    return torch.argmax(logits, dim=-1).tolist()
 
 
 def find_stop(text: str, stops: tuple[str, ...], search_from: int = 0) -> int:

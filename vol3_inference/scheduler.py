@@ -258,7 +258,7 @@ class Scheduler:
                 else:
                     chunks.append(Chunk(r.id, r.token_slice(r.n_cached, r.n_cached + n), r.n_cached))
             try:
-                logits = self.engine.forward(chunks)
+                logits = self.engine.forward_last(chunks)  # (len(plan), V)
             except Exception:
                 self._release_finished()  # a truncated padding row must not outlive a failed step
                 raise
@@ -266,11 +266,14 @@ class Scheduler:
             now = time.perf_counter()
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
-            rows = [(r, n, z) for (r, n, kind), z in zip(plan, logits, strict=True) if kind != "pad"]
             # Rows whose token this step is a plain argmax: one argmax for all of them.
-            greedy = [i for i, (r, n, _) in enumerate(rows) if r.n_cached + n >= r.n_tokens and r.params.argmax_only]
-            picked = dict(zip(greedy, greedy_tokens([rows[i][2] for i in greedy]), strict=True))
-            for i, (r, n, z) in enumerate(rows):
+            greedy = [i for i, (r, n, kind) in enumerate(plan)
+                      if kind != "pad" and r.n_cached + n >= r.n_tokens and r.params.argmax_only]
+            picked = dict(zip(greedy, greedy_tokens(logits if len(greedy) == len(plan) else logits[greedy]),
+                              strict=True))
+            for i, (r, n, kind) in enumerate(plan):
+                if kind == "pad":
+                    continue
                 r.n_cached += n
                 if r.n_cached < r.n_tokens:
                     continue  # prefill not done yet
@@ -278,7 +281,7 @@ class Scheduler:
                     tok = picked[i]
                 else:
                     seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
-                    tok = sample_token(z, r.params, r.generator, seen)
+                    tok = sample_token(logits[i], r.params, r.generator, seen)
                 r.output.append(tok)
                 r.token_times.append(now)
                 self._check_stop(r, tok)

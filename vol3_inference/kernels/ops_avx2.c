@@ -48,14 +48,14 @@ static inline float dot(const float *a, const float *b, int64_t n) {  /* n % 8 =
     return hsum_ps(acc);
 }
 
-/* out[r] = the index of the largest of rows[r][0:V) (R rows of V >= 1 floats, anywhere), as torch.argmax
- * gives it: the first NaN if the row has one, else the first index of the largest value (-0.0 and 0.0
- * are equal). Two passes, 8 floats at a time: the maximum (and whether a NaN is there), then the first
- * 8 that hold it, and the index within them. A step's greedy tokens (sampling.greedy_tokens), where
- * torch's argmax along a row is a scalar loop. */
-void argmax_rows_f32(const float *const *rows, int64_t R, int64_t V, int64_t *out) {
+/* out[r] = the index of the largest of row r's V >= 1 floats (R rows, row r at xs + r * stride), as
+ * torch.argmax gives it: the first NaN if the row has one, else the first index of the largest value
+ * (-0.0 and 0.0 are equal). Two passes, 8 floats at a time: the maximum (and whether a NaN is there),
+ * then the first 8 that hold it, and the index within them. A step's greedy tokens
+ * (sampling.greedy_tokens), where torch's argmax along a row is a scalar loop. */
+void argmax_rows_f32(const float *xs, int64_t R, int64_t V, int64_t stride, int64_t *out) {
     for (int64_t r = 0; r < R; r++) {
-        const float *x = rows[r];
+        const float *x = xs + r * stride;
         __m256 mv = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 8 <= V; i += 8) {
