@@ -16,14 +16,25 @@ from collections.abc import Sequence
 import torch
 
 DECODE_PROBE = ((1, 512, 1536), (32, 512, 1536))  # (rows, in, out): one decode row, a batch of 32
+# Within this fraction of the fastest count, the larger count is kept: a tie says only that the probe
+# could not tell (a busy core makes two threads many times slower, not a few percent), and batched
+# work scales with the threads where a probe's one row does not.
+TIE = 0.05
+
+
+def fastest(times: dict[int, float], tie: float = TIE) -> int:
+    """The thread count to use from {count: seconds}: the largest within `tie` of the fastest."""
+    best = min(times.values())
+    return max(n for n, t in times.items() if t <= best * (1 + tie))
 TRAIN_PROBE = ((1024, 192, 512),)  # one micro-batch of the cpu preset (4 x 256 tokens, dim 192)
 
 
 def pick_threads(shapes: Sequence[tuple[int, int, int]] = DECODE_PROBE, candidates: Sequence[int] | None = None,
                  rounds: int = 7, reps: int = 20) -> tuple[int, dict[int, float]]:
-    """(fastest thread count, {count: median seconds}) for `reps` x every (rows, in, out) matmul in
-    `shapes`, the candidates timed round-robin for `rounds` rounds. Candidates default to 1 and 2
-    (1 alone on a 1-core machine). torch's thread count is left as it was."""
+    """(thread count to use, {count: median seconds}) for `reps` x every (rows, in, out) matmul in
+    `shapes`, the candidates timed round-robin for `rounds` rounds; the count is `fastest`'s (ties go
+    to more threads). Candidates default to 1 and 2 (1 alone on a 1-core machine). torch's thread
+    count is left as it was."""
     candidates = list(candidates or sorted({1, min(2, os.cpu_count() or 1)}))
     if not candidates or min(candidates) < 1:
         raise ValueError(f"thread candidates must be positive integers, got {candidates}")
@@ -42,7 +53,7 @@ def pick_threads(shapes: Sequence[tuple[int, int, int]] = DECODE_PROBE, candidat
     finally:
         torch.set_num_threads(before)
     med = {n: statistics.median(v) for n, v in times.items()}
-    return min(med, key=med.get), med
+    return fastest(med), med
 
 
 def describe(chosen: int, times: dict[int, float]) -> str:

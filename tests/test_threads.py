@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from shared.threads import TRAIN_PROBE, choose_threads, describe, pick_threads
+from shared.threads import TRAIN_PROBE, choose_threads, describe, fastest, pick_threads
 
 
 def test_pick_threads_times_every_candidate_and_restores_torch():
@@ -18,6 +18,14 @@ def test_pick_threads_times_every_candidate_and_restores_torch():
     assert describe(n, times).endswith(f"-> using {n}")
     with pytest.raises(ValueError, match="positive"):
         pick_threads(TRAIN_PROBE, candidates=[0])
+
+
+def test_a_tie_goes_to_more_threads():
+    assert fastest({1: 1.00, 2: 1.03}) == 2  # within 5%: the probe could not tell
+    assert fastest({1: 1.00, 2: 1.20}) == 1  # clearly slower: a busy core
+    assert fastest({1: 1.20, 2: 1.00}) == 2
+    assert fastest({1: 1.00, 2: 1.03, 4: 1.04}) == 4
+    assert fastest({1: 1.00, 2: 1.03}, tie=0.0) == 1
 
 
 def test_choose_threads_from_the_flag():
