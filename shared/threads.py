@@ -3,7 +3,8 @@
 On a shared 2-core machine a second OpenMP thread helps only while the other core is idle. When
 another process holds it, every multi-threaded op waits for a descheduled worker thread, and two
 threads ran 10-30x slower than one (measured on this project's machines, in training and in decode).
-So the commands that care time a small matmul probe at each candidate count and keep the fastest.
+So the commands that care time a small matmul probe at each candidate count and keep the fastest
+(or, within 5% of it, the larger count: `fastest`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from collections.abc import Sequence
 import torch
 
 DECODE_PROBE = ((1, 512, 1536), (32, 512, 1536))  # (rows, in, out): one decode row, a batch of 32
-# Within this fraction of the fastest count, the larger count is kept: a tie says only that the probe
-# could not tell (a busy core makes two threads many times slower, not a few percent), and batched
-# work scales with the threads where a probe's one row does not.
+TRAIN_PROBE = ((1024, 192, 512),)  # one micro-batch of the cpu preset (4 x 256 tokens, dim 192)
+# Within this fraction of the fastest count, the larger count is kept: a near tie says only that the
+# probe could not tell (a busy core makes two threads many times slower, not a few percent), and the
+# many-row work that follows (a batched decode step, a training step) gains from the second thread.
 TIE = 0.05
 
 
@@ -26,7 +28,6 @@ def fastest(times: dict[int, float], tie: float = TIE) -> int:
     """The thread count to use from {count: seconds}: the largest within `tie` of the fastest."""
     best = min(times.values())
     return max(n for n, t in times.items() if t <= best * (1 + tie))
-TRAIN_PROBE = ((1024, 192, 512),)  # one micro-batch of the cpu preset (4 x 256 tokens, dim 192)
 
 
 def pick_threads(shapes: Sequence[tuple[int, int, int]] = DECODE_PROBE, candidates: Sequence[int] | None = None,
@@ -68,7 +69,7 @@ def choose_threads(spec: str, device_type: str = "cpu", shapes: Sequence[tuple[i
 
     N is used as given. Off the CPU the count hardly matters and is left alone (None). `auto` gives each
     of `world_size` processes (DDP ranks) an equal share of the cores, and a single process the count
-    that runs the `shapes` probe fastest right now (`pick_threads`).
+    that runs the `shapes` probe fastest right now, or the larger within 5% of it (`pick_threads`).
     Raises ValueError for a spec that is neither 'auto' nor a positive integer.
     """
     if spec != "auto" and not (spec.isdigit() and int(spec) >= 1):

@@ -288,11 +288,22 @@ def test_argmax_rows_is_torch_argmax(rows, vocab, seed, specials):
     wide = torch.full((rows, vocab + 5), float("nan"))  # rows a stride apart that is not V: a slice
     wide[:, 2:vocab + 2] = z
     assert cpu_kernels.argmax_rows(wide[:, 2:vocab + 2]) == [int(torch.argmax(z[r])) for r in range(rows)]
+    assert cpu_kernels.argmax_rows(z[:1].expand(3, vocab)) == [int(torch.argmax(z[0]))] * 3  # row stride 0
+    assert cpu_kernels.argmax_rows(wide[:, 3:4]) == [0] * rows  # V = 1, a column of a wider matrix
+
+
+@no_ops
+def test_argmax_rows_of_no_rows_or_overlapping_rows():
+    assert cpu_kernels.argmax_rows(torch.empty(0, 7)) == []
+    flat = torch.randn(100, generator=torch.Generator().manual_seed(3))
+    rows = flat.as_strided((10, 9), (2, 1))  # each row overlaps the next
+    assert cpu_kernels.argmax_rows(rows) == torch.argmax(rows, dim=-1).tolist()
 
 
 @no_ops
 def test_argmax_rows_refuses_what_it_cannot_take():
     z = torch.zeros(3, 8)
-    for bad in (z[0], z.double(), z[:, ::2], z.t(), torch.zeros(3, 0), torch.zeros(2, 3, 4), torch._neg_view(z)):
+    for bad in (z[0], z.double(), z[:, ::2], z.t(), torch.zeros(3, 0), torch.zeros(2, 3, 4), torch._neg_view(z),
+                torch.zeros(3, 1).to_sparse()):
         with pytest.raises(ValueError):
             cpu_kernels.argmax_rows(bad)

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vol3_inference import cpu_kernels
 from vol3_inference.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -101,3 +102,14 @@ def test_greedy_tokens_of_other_dtypes_or_layouts_are_still_torch_argmax():
     assert greedy_tokens(z[:, 1:]) == [0, 1]  # a slice: the C route, rows a stride of 4 apart
     with pytest.raises(ValueError, match="logits \\(R, V\\)"):
         greedy_tokens(z[0])
+
+
+@pytest.mark.skipif(cpu_kernels.unavailable("ops_avx2") is not None, reason="needs the C kernels (argmax_rows)")
+def test_greedy_tokens_takes_the_c_scan_for_one_row_too(monkeypatch):
+    calls = []
+    real = cpu_kernels.argmax_rows
+    monkeypatch.setattr(cpu_kernels, "argmax_rows", lambda x, checked=False: calls.append(x.shape) or real(x, checked))
+    z = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 7.0, 7.0]])
+    assert greedy_tokens(z[:1]) == [1] and greedy_tokens(z[:, 1:]) == [0, 1]
+    assert greedy_tokens(z.double()) == [1, 2]  # the torch route: no call
+    assert calls == [(1, 4), (2, 3)]

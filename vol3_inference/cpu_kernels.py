@@ -198,8 +198,11 @@ def _fail(op: str, why: str | None) -> None:
 
 
 def argmax_rows_problem(x: torch.Tensor) -> str | None:
-    if x.dim() != 2 or x.shape[1] < 1 or not x.is_cpu or x.dtype is not torch.float32 or x.is_neg():
+    if (x.dim() != 2 or x.shape[1] < 1 or not x.is_cpu or x.dtype is not torch.float32
+            or x.layout is not torch.strided):
         return f"float32 logits (R, V) on the CPU, V >= 1, expected, got {x.dtype} {tuple(x.shape)} on {x.device}"
+    if x.is_neg():  # its memory holds the values unnegated
+        return "a negative view (torch._neg_view) cannot be read in place"
     if x.shape[1] > 1 and x.stride(1) != 1:
         return "logits rows each contiguous (x.stride(1) == 1) expected"
     return None

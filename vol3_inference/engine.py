@@ -47,7 +47,7 @@ from vol3_inference.quant import Int8Weight, quantize_int8
 from vol3_inference.sampling import SamplingParams, make_generator, sample_token
 
 Weight = torch.Tensor | Int8Weight
-DECODE_GROUPS = 3  # most batched decode-attention calls per layer (see Engine.forward)
+DECODE_GROUPS = 3  # most batched decode-attention calls per layer (see Engine._step)
 DECODE_GROUP_MIN = 8  # fewest sequences worth a call of their own
 
 
@@ -347,7 +347,7 @@ class Engine:
 
     @staticmethod
     def _unsort(outs: list[torch.Tensor], order: list[int]) -> list[torch.Tensor]:
-        """Results in the caller's chunk order (`forward` ran them in `order`)."""
+        """Results in the caller's chunk order (`_step` ran them in `order`)."""
         result: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
         for j, i in enumerate(order):
             result[i] = outs[j]

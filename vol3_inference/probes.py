@@ -85,7 +85,7 @@ def decode_step_ms(engines: dict[str, Engine], steps: int, max_len: int) -> dict
             n = len(prompt)
         for k, e in engines.items():
             t0 = time.perf_counter()
-            e.forward([Chunk(0, [5], n)])
+            e.forward_last([Chunk(0, [5], n)])
             times[k].append(time.perf_counter() - t0)
         n += 1
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
@@ -196,7 +196,7 @@ def probe_fused(preset: str, rows: list[int], rounds: int, context: int) -> None
                 e.prefill(b, [1 + (b + i) % (c.vocab_size - 1) for i in range(context)])
 
         def step(e, m=m):  # one decode step for m sequences, then rolled back: the context stays put
-            e.forward([Chunk(b, [5], context) for b in range(m)])
+            e.forward_last([Chunk(b, [5], context) for b in range(m)])
             for b in range(m):
                 e.cache.manager.truncate(b, 1)
 

@@ -269,8 +269,8 @@ class Scheduler:
             # Rows whose token this step is a plain argmax: one argmax for all of them.
             greedy = [i for i, (r, n, kind) in enumerate(plan)
                       if kind != "pad" and r.n_cached + n >= r.n_tokens and r.params.argmax_only]
-            picked = dict(zip(greedy, greedy_tokens(logits if len(greedy) == len(plan) else logits[greedy]),
-                              strict=True))
+            picked = {} if not greedy else dict(zip(
+                greedy, greedy_tokens(logits if len(greedy) == len(plan) else logits[greedy]), strict=True))
             for i, (r, n, kind) in enumerate(plan):
                 if kind == "pad":
                     continue
