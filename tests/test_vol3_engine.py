@@ -143,13 +143,15 @@ def test_backend_switch():
 
 @pytest.mark.parametrize("ops", [TorchOps, pytest.param(CpuOps, marks=pytest.mark.skipif(
     NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}"))])
-def test_decode_attention_matches_dense_softmax(ops):
-    """The paged decode op against attention written out densely, with GQA and ragged lengths."""
+@pytest.mark.parametrize("H,Hkv,hd,bs", [(4, 2, 8, 3), (6, 2, 32, 16), (4, 1, 40, 16), (3, 3, 64, 5)])
+def test_decode_attention_matches_dense_softmax(ops, H, Hkv, hd, bs):
+    """The paged decode op against attention written out densely, with GQA and ragged lengths: odd and
+    whole blocks, keys 8 at a time and one by one, heads of 8 floats at a time and of 32."""
     g = torch.Generator().manual_seed(5)
-    B, H, Hkv, hd, bs, nb = 3, 4, 2, 8, 3, 12
+    B, nb = 3, 12
     kc, vc = torch.randn(nb, bs, Hkv, hd, generator=g), torch.randn(nb, bs, Hkv, hd, generator=g)
     tables = torch.tensor([[4, 7, 1, 0], [9, 0, 0, 0], [2, 3, 5, 11]])
-    lens = torch.tensor([7, 2, 12])
+    lens = torch.tensor([2 * bs + 1, 2, 4 * bs])
     q = torch.randn(B, H, hd, generator=g)
     out = ops.decode_attention(q, kc, vc, tables, lens)
     for b in range(B):

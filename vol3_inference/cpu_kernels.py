@@ -47,11 +47,13 @@ SIGNATURES = {  # library -> {function: argument types}
                  "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F],
                  "matmul_packed_f32": [_P] * 3 + [_I] * 5,
                  "forward_step_f32": [_P] * 8 + [_I] * 5,
-                 "argmax_rows_f32": [_P, _I, _I, _I, _P]},
+                 "argmax_rows_f32": [_P, _I, _I, _I, _P],
+                 "attend_scratch_floats": [_I] * 5},
 }
 LINKED = {"ops_avx2": ("w8a16_avx2.c",)}  # other sources built into a library (the fused step's int8 matmul)
-RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes; the others return nothing
-            "rope_qkv_cache_f32": ctypes.c_int64, "forward_step_f32": ctypes.c_int64}
+RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes, and a size; the others return nothing
+            "rope_qkv_cache_f32": ctypes.c_int64, "forward_step_f32": ctypes.c_int64,
+            "attend_scratch_floats": ctypes.c_int64}
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # Split a matmul over torch's threads from this many weights: below it, waking a second thread costs
 # more than it saves (measured on seed512's and the trained model's matrices at batch 1).
@@ -304,10 +306,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.stride()[1:] != (hd, 1):  # sequences may be strided (rows of a wider buffer), heads not
         q = q.contiguous()
     out = torch.empty(B, H, hd, dtype=torch.float32)
-    scores = torch.empty(W * bs, dtype=torch.float32)
+    scratch = torch.empty(lib.attend_scratch_floats(H, Hkv, hd, W, bs), dtype=torch.float32)
     err = lib.paged_decode_attention_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                          block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
-                                         scores.data_ptr(), B, H, Hkv, hd, bs, W, NB, q.stride(0), hd ** -0.5)
+                                         scratch.data_ptr(), B, H, Hkv, hd, bs, W, NB, q.stride(0), hd ** -0.5)
     _fail("paged_decode_attention", {0: None, 1: "a context length is outside [1, blocks * block_size]"}.get(
         err, "a block id is outside the cache"))
     return out
