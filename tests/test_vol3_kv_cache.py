@@ -78,6 +78,34 @@ def test_block_manager_invariants(n_blocks, block_size, ops):
             assert s // block_size in mgr.tables[q]
 
 
+@settings(max_examples=150, deadline=None)
+@given(n_blocks=st.integers(1, 12), block_size=st.integers(1, 5),
+       before=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 9)), max_size=8),
+       step=st.dictionaries(st.integers(0, 7), st.integers(0, 9), max_size=6))
+def test_append_many_is_appends_in_order_or_nothing(n_blocks, block_size, before, step):
+    """One engine step's `append_many` hands out exactly the slots that appending sequence after
+    sequence would, and when the free list cannot cover the whole step it raises and changes nothing
+    (even where the first sequences alone would have fit)."""
+    one, many = BlockManager(n_blocks, block_size), BlockManager(n_blocks, block_size)
+    for seq, n in before:
+        if one.can_append(seq, n):
+            one.append(seq, n)
+            many.append(seq, n)
+    state = (list(many.free), {k: list(v) for k, v in many.tables.items()}, dict(many.lengths))
+    seqs, counts = list(step), list(step.values())
+    if sum(one.blocks_needed(s, n) for s, n in step.items()) <= len(one.free):
+        expected = [slot for s, n in step.items() for slot in one.append(s, n)]
+        assert many.append_many(seqs, counts) == expected
+        assert (many.free, many.tables, many.lengths) == (one.free, one.tables, one.lengths)
+        many.check()
+    else:
+        with pytest.raises(OutOfBlocks):
+            many.append_many(seqs, counts)
+        assert (list(many.free), many.tables, many.lengths) == state
+    with pytest.raises(ValueError, match=">= 0"):
+        many.append_many([0, 1], [1, -1])
+
+
 def test_slots_follow_the_block_table():
     mgr = BlockManager(6, 4)
     mgr.append("a", 3)

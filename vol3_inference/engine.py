@@ -41,7 +41,7 @@ import torch
 from shared.config import ModelConfig
 from vol2_torch.model import precompute_rope
 from vol3_inference import quant
-from vol3_inference.kv_cache import OutOfBlocks, PagedKVCache
+from vol3_inference.kv_cache import PagedKVCache
 from vol3_inference.ops import get_ops
 from vol3_inference.quant import Int8Weight, quantize_int8
 from vol3_inference.sampling import SamplingParams, make_generator, sample_token
@@ -252,26 +252,38 @@ class Engine:
     def _step(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
         c, ops, mgr = self.config, self.ops, self.cache.manager
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        # Checked a list at a time (this runs for every row of every step), then, only if something is
+        # wrong, chunk by chunk to say which and what.
         seqs = [ch.seq for ch in chunks]
-        if len(set(seqs)) != len(seqs):
-            raise ValueError("a sequence appears twice in one step")
-        for ch in chunks:
-            if len(ch.tokens) == 0:
-                raise ValueError(f"sequence {ch.seq!r}: empty chunk")
-            if self.cache.length(ch.seq) != ch.start_pos:
-                raise ValueError(f"sequence {ch.seq!r}: start_pos {ch.start_pos} but "
-                                 f"{self.cache.length(ch.seq)} tokens are cached")
-            if ch.start_pos + len(ch.tokens) > c.max_seq_len:
-                raise ValueError(f"sequence {ch.seq!r}: {ch.start_pos + len(ch.tokens)} tokens exceed "
-                                 f"max_seq_len={c.max_seq_len}")
-            if min(ch.tokens) < 0 or max(ch.tokens) >= c.vocab_size:  # on a GPU a bad id is a device assert
-                raise ValueError(f"sequence {ch.seq!r}: token ids must be in [0, {c.vocab_size})")
-        need = sum(mgr.blocks_needed(ch.seq, len(ch.tokens)) for ch in chunks)
-        if need > len(mgr.free):
-            raise OutOfBlocks(f"this step needs {need} blocks, {len(mgr.free)} free")
+        sizes = [len(ch.tokens) for ch in chunks]
+        starts = [ch.start_pos for ch in chunks]
+        ends = [a + n for a, n in zip(starts, sizes, strict=True)]
+        if (len(set(seqs)) != len(seqs) or 0 in sizes or starts != [mgr.lengths.get(s, 0) for s in seqs]
+                or (chunks and (max(ends) > c.max_seq_len
+                                or min(map(min, (ch.tokens for ch in chunks))) < 0
+                                or max(map(max, (ch.tokens for ch in chunks))) >= c.vocab_size))):
+            self._refuse(chunks)
+        # The cache slots come from mgr.append_many below, which raises OutOfBlocks changing nothing.
+        dev = self.device
+        if self.fused is not None and chunks and (not self.fused.int8 or quant.INT8_ROUTE == "w8a16"):
+            # The whole step in one C call (cpu_kernels.FusedStep), rows in the caller's chunk order
+            # (the C step reads each row's own blocks, whatever the order). Its int8 matmul is the w8a16
+            # route's, so under another route (the bench compares them) the step runs op by op.
+            bounds = list(itertools.accumulate(sizes, initial=0))
+            tokens = list(itertools.chain.from_iterable(ch.tokens for ch in chunks))
+            positions = list(itertools.chain.from_iterable(map(range, starts, ends)))
+            slots = mgr.append_many(seqs, sizes)
+            row_seq = list(itertools.chain.from_iterable(itertools.repeat(j, n) for j, n in enumerate(sizes)))
+            # int64 index tensors through NumPy, which converts Python lists faster than torch.tensor does
+            tok, pos, slot, seq = torch.from_numpy(np.array([tokens, positions, slots, row_seq], dtype=np.int64)).unbind(0)
+            N = len(tokens)
+            out_rows = np.arange(N, dtype=np.int64) if all_logits else np.array(bounds[1:], dtype=np.int64) - 1
+            logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.from_numpy(out_rows),
+                                checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
+            return [logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits else logits
 
-        # Decode chunks first, shortest context first (contiguous rows for batched attention), then
-        # prefill chunks.
+        # Op by op: decode chunks first, shortest context first (contiguous rows for batched
+        # attention), then prefill chunks.
         order = sorted(range(len(chunks)), key=lambda i: (not self._is_decode(chunks[i]), chunks[i].start_pos))
         chunks = [chunks[i] for i in order]
         n_dec = sum(self._is_decode(ch) for ch in chunks)
@@ -279,23 +291,10 @@ class Engine:
         last = np.empty(len(chunks), dtype=np.int64)  # the caller's chunk i ends at row last[i]
         last[order] = bounds[1:]
         last -= 1
-        tokens, positions, slots = [], [], []
-        for ch in chunks:
-            tokens.extend(ch.tokens)
-            positions.extend(range(ch.start_pos, ch.start_pos + len(ch.tokens)))
-            slots.extend(mgr.append(ch.seq, len(ch.tokens)))
+        tokens = list(itertools.chain.from_iterable(ch.tokens for ch in chunks))
+        positions = list(itertools.chain.from_iterable(range(ch.start_pos, ch.start_pos + len(ch.tokens)) for ch in chunks))
+        slots = mgr.append_many([ch.seq for ch in chunks], [len(ch.tokens) for ch in chunks])
         N = len(tokens)
-        dev = self.device
-        if self.fused is not None and N > 0 and (not self.fused.int8 or quant.INT8_ROUTE == "w8a16"):
-            # The whole step in one C call (cpu_kernels.FusedStep). Its int8 matmul is the w8a16
-            # route's, so under another route (the bench compares them) the step runs op by op.
-            row_seq = [j for j, ch in enumerate(chunks) for _ in ch.tokens]  # each row's chunk
-            # int64 index tensors through NumPy, which converts Python lists faster than torch.tensor does
-            tok, pos, slot, seq = torch.from_numpy(np.array([tokens, positions, slots, row_seq], dtype=np.int64)).unbind(0)
-            logits = self.fused(tok, pos, slot, seq, self._tables(chunks),
-                                torch.from_numpy(np.arange(N, dtype=np.int64) if all_logits else last),
-                                checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
-            return self._unsort([logits[a:b] for a, b in itertools.pairwise(bounds)], order) if all_logits else logits
         tok, pos, slot = torch.tensor([tokens, positions, slots], dtype=torch.long, device=dev)  # one upload
         # The reference's batched decode attention pads every sequence to the longest one in its call.
         # Mixing short and long contexts (what continuous batching does) would waste up to half of that
@@ -338,6 +337,25 @@ class Engine:
             return self._unsort([logits[a:b] for a, b in itertools.pairwise(bounds)], order)
         h = ops.rmsnorm(x[last_rows], self.weights.norm, c.norm_eps)  # (B, D), in the caller's chunk order
         return ops.linear(h, self.weights.output)  # (B, V)
+
+    def _refuse(self, chunks: Sequence[Chunk]) -> None:
+        """Raise ValueError for the first chunk that `_step` cannot run, saying why."""
+        c, seen = self.config, set()
+        for ch in chunks:
+            if ch.seq in seen:
+                raise ValueError("a sequence appears twice in one step")
+            seen.add(ch.seq)
+            if len(ch.tokens) == 0:
+                raise ValueError(f"sequence {ch.seq!r}: empty chunk")
+            if self.cache.length(ch.seq) != ch.start_pos:
+                raise ValueError(f"sequence {ch.seq!r}: start_pos {ch.start_pos} but "
+                                 f"{self.cache.length(ch.seq)} tokens are cached")
+            if ch.start_pos + len(ch.tokens) > c.max_seq_len:
+                raise ValueError(f"sequence {ch.seq!r}: {ch.start_pos + len(ch.tokens)} tokens exceed "
+                                 f"max_seq_len={c.max_seq_len}")
+            if min(ch.tokens) < 0 or max(ch.tokens) >= c.vocab_size:  # on a GPU a bad id is a device assert
+                raise ValueError(f"sequence {ch.seq!r}: token ids must be in [0, {c.vocab_size})")
+        raise AssertionError("_refuse found nothing wrong")
 
     def _tables(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """The chunks' sequences' block tables (B, width) int64, padded with block 0, on the engine's device."""

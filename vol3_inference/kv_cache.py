@@ -23,7 +23,7 @@ cached token = 2 (K and V) * n_layers * Hkv * hd * bytes per element; grouped-qu
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -77,21 +77,37 @@ class BlockManager:
         Returns the flat slot index (block * block_size + offset) of each new token.
         Raises OutOfBlocks (changing nothing) if the free list is too short, ValueError if new_tokens < 0.
         """
-        if new_tokens < 0:
-            raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
-        need = self.blocks_needed(seq, new_tokens)
+        return self.append_many([seq], [new_tokens])
+
+    def append_many(self, seqs: Sequence[Hashable], new_tokens: Sequence[int]) -> list[int]:
+        """`append` for several distinct sequences at once (one engine step), all or nothing: one call
+        per step, not one per row.
+
+        Returns the flat slots of every new token, sequence after sequence. Raises OutOfBlocks
+        (changing nothing) if the free list cannot cover them all, ValueError if a count is < 0.
+        """
+        if min(new_tokens, default=0) < 0:
+            raise ValueError(f"new_tokens must be >= 0, got {min(new_tokens)}")
+        tables, lengths, bs = self.tables, self.lengths, self.block_size
+        have = [lengths.get(s, 0) for s in seqs]
+        need = sum(max(0, -(-(h + n) // bs) - len(tables.get(s, ())))
+                   for s, h, n in zip(seqs, have, new_tokens, strict=True))
         if need > len(self.free):
-            raise OutOfBlocks(f"sequence {seq!r} needs {need} blocks, {len(self.free)} free")
-        table = self.tables.setdefault(seq, [])
+            raise OutOfBlocks(f"{len(seqs)} sequence(s) need {need} more blocks, {len(self.free)} free")
+        slots: list[int] = []
+        for s, start, n in zip(seqs, have, new_tokens, strict=True):
+            table = tables.setdefault(s, [])
+            end = start + n
+            while len(table) * bs < end:
+                table.append(self.free.popleft())
+            lengths[s] = end
+            if n == 1:  # a decode token: every running sequence, every step
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         if need:
-            table.extend(self.free.popleft() for _ in range(need))
             self.peak_blocks_used = max(self.peak_blocks_used, self.used_blocks)
-        start = self.lengths.get(seq, 0)
-        self.lengths[seq] = start + new_tokens
-        bs = self.block_size
-        if new_tokens == 1:  # a decode token: every running sequence, every step
-            return [table[start // bs] * bs + start % bs]
-        return [table[p // bs] * bs + p % bs for p in range(start, start + new_tokens)]
+        return slots
 
     def truncate(self, seq: Hashable, n_tokens: int) -> int:
         """Forget the last `n_tokens` tokens of `seq` (their slots may be written again); blocks left

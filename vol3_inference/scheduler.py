@@ -70,6 +70,7 @@ class Request:
     preemptions: int = 0
     arrival_time: float = 0.0
     token_times: list[float] = field(default_factory=list)
+    hold: int = 0  # characters of text a stream holds back: a stop string's prefix may be forming there
 
     @property
     def tokens(self) -> list[int]:
@@ -163,7 +164,7 @@ class Scheduler:
         if self.eos_id is not None and not params.ignore_eos:
             stop_ids.add(self.eos_id)
         req = Request(rid, prompt, params, make_generator(params.seed), frozenset(stop_ids),
-                      arrival_time=time.perf_counter())
+                      arrival_time=time.perf_counter(), hold=max(map(len, params.stop), default=1) - 1)
         self.waiting.append(req)
         return req
 
@@ -266,17 +267,18 @@ class Scheduler:
             now = time.perf_counter()
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
+            ready = []  # plan rows whose request has every known token cached: each gets its next token
+            for i, (r, n, kind) in enumerate(plan):
+                if kind != "pad":
+                    r.n_cached += n
+                    if r.n_cached == r.n_tokens:
+                        ready.append(i)
             # Rows whose token this step is a plain argmax: one argmax for all of them.
-            greedy = [i for i, (r, n, kind) in enumerate(plan)
-                      if kind != "pad" and r.n_cached + n >= r.n_tokens and r.params.argmax_only]
+            greedy = [i for i in ready if plan[i][0].params.argmax_only]
             picked = {} if not greedy else dict(zip(
                 greedy, greedy_tokens(logits if len(greedy) == len(plan) else logits[greedy]), strict=True))
-            for i, (r, n, kind) in enumerate(plan):
-                if kind == "pad":
-                    continue
-                r.n_cached += n
-                if r.n_cached < r.n_tokens:
-                    continue  # prefill not done yet
+            for i in ready:
+                r = plan[i][0]
                 if i in picked:
                     tok = picked[i]
                 else:
@@ -312,8 +314,7 @@ class Scheduler:
         # incomplete UTF-8 character (decoded as U+FFFD) until more tokens arrive.
         ready = len(r.text)
         if not r.finished:
-            hold = max(map(len, r.params.stop), default=1) - 1
-            ready = max(r.n_text_sent, len(r.text.rstrip("\ufffd")) - hold)
+            ready = max(r.n_text_sent, len(r.text.rstrip("\ufffd")) - r.hold)
         new_text = r.text[r.n_text_sent:ready]
         new_ids = r.output[r.n_tokens_sent:]
         r.n_text_sent, r.n_tokens_sent = ready, len(r.output)
