@@ -102,8 +102,12 @@ def test_append_many_is_appends_in_order_or_nothing(n_blocks, block_size, before
         with pytest.raises(OutOfBlocks):
             many.append_many(seqs, counts)
         assert (list(many.free), many.tables, many.lengths) == state
+    state = (list(many.free), {k: list(v) for k, v in many.tables.items()}, dict(many.lengths))
     with pytest.raises(ValueError, match=">= 0"):
         many.append_many([0, 1], [1, -1])
+    with pytest.raises(ValueError, match="twice"):  # would hand one slot out twice and lose a token
+        many.append_many([0, 0], [1, 1])
+    assert (list(many.free), many.tables, many.lengths) == state
 
 
 def test_slots_follow_the_block_table():

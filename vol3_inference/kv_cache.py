@@ -84,10 +84,13 @@ class BlockManager:
         per step, not one per row.
 
         Returns the flat slots of every new token, sequence after sequence. Raises OutOfBlocks
-        (changing nothing) if the free list cannot cover them all, ValueError if a count is < 0.
+        (changing nothing) if the free list cannot cover them all, ValueError (changing nothing) if a
+        count is < 0 or a sequence appears twice.
         """
         if min(new_tokens, default=0) < 0:
             raise ValueError(f"new_tokens must be >= 0, got {min(new_tokens)}")
+        if len(set(seqs)) != len(seqs):
+            raise ValueError("a sequence appears twice in one append_many")
         tables, lengths, bs = self.tables, self.lengths, self.block_size
         have = [lengths.get(s, 0) for s in seqs]
         need = sum(max(0, -(-(h + n) // bs) - len(tables.get(s, ())))

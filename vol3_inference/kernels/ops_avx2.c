@@ -459,10 +459,11 @@ int64_t attend_scratch_floats(int64_t H, int64_t Hkv, int64_t hd, int64_t W, int
  * share their sequence's table and see one more position each, which makes them causal). Tables and
  * lengths are already checked (see below). With n_threads > 1 the rows are split over OpenMP
  * threads, each with its own attend_scratch_floats of `scratch`.
- * The query heads that share a KV head (a GQA group) go together, block by block: each head of the
- * group reads the block's keys, then its values, while they are still in L1, so the cache is read
- * from L2/L3 once per KV head instead of once per query head (same bits as head by head). Positions
- * are walked block by block (a block's keys are contiguous), with no division per position. Every row's result depends on its own length
+ * The query heads that share a KV head (a GQA group) go together: block by block, every head of the
+ * group scores the block's keys while they are in L1; after the softmax, block by block again, every
+ * head adds its share of the block's values. So the cache is read from L2/L3 once per KV head, not
+ * once per query head (same bits as head by head). Positions are walked block by block (a block's
+ * keys are contiguous), with no division per position. Every row's result depends on its own length
  * and the block size only, never on the other rows. */
 static void attend_rows(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                         const int64_t *row_table, const int64_t *lens, float *out, float *scratch, int64_t B,
