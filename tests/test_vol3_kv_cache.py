@@ -105,8 +105,10 @@ def test_append_many_is_appends_in_order_or_nothing(n_blocks, block_size, before
     state = (list(many.free), {k: list(v) for k, v in many.tables.items()}, dict(many.lengths))
     with pytest.raises(ValueError, match=">= 0"):
         many.append_many([0, 1], [1, -1])
-    with pytest.raises(ValueError, match="twice"):  # would hand one slot out twice and lose a token
+    with pytest.raises(ValueError, match="1 distinct"):  # would hand one slot out twice and lose a token
         many.append_many([0, 0], [1, 1])
+    with pytest.raises(ValueError, match="2 count"):
+        many.append_many([0], [1, 1])
     assert (list(many.free), many.tables, many.lengths) == state
 
 

@@ -85,21 +85,20 @@ class BlockManager:
 
         Returns the flat slots of every new token, sequence after sequence. Raises OutOfBlocks
         (changing nothing) if the free list cannot cover them all, ValueError (changing nothing) if a
-        count is < 0 or a sequence appears twice.
+        count is < 0, a sequence appears twice, or the two lists differ in length.
         """
         if min(new_tokens, default=0) < 0:
             raise ValueError(f"new_tokens must be >= 0, got {min(new_tokens)}")
-        if len(set(seqs)) != len(seqs):
-            raise ValueError("a sequence appears twice in one append_many")
-        tables, lengths, bs = self.tables, self.lengths, self.block_size
-        have = [lengths.get(s, 0) for s in seqs]
-        need = sum(max(0, -(-(h + n) // bs) - len(tables.get(s, ())))
-                   for s, h, n in zip(seqs, have, new_tokens, strict=True))
+        if len(set(seqs)) != len(seqs) or len(seqs) != len(new_tokens):
+            raise ValueError(f"append_many needs distinct sequences, one count each; got {len(seqs)} "
+                             f"sequence(s) ({len(set(seqs))} distinct) and {len(new_tokens)} count(s)")
+        need = sum(map(self.blocks_needed, seqs, new_tokens))
         if need > len(self.free):
             raise OutOfBlocks(f"{len(seqs)} sequence(s) need {need} more blocks, {len(self.free)} free")
+        tables, lengths, bs = self.tables, self.lengths, self.block_size
         slots: list[int] = []
-        for s, start, n in zip(seqs, have, new_tokens, strict=True):
-            table = tables.setdefault(s, [])
+        for s, n in zip(seqs, new_tokens, strict=True):
+            table, start = tables.setdefault(s, []), lengths.get(s, 0)
             end = start + n
             while len(table) * bs < end:
                 table.append(self.free.popleft())
