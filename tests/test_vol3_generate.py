@@ -107,7 +107,7 @@ def test_bench_workload_and_serving_harness(tmp_path):
     assert sorted(bench.sweep_rows(serving)) == [2, 4]
     assert 1 in serving["sequential"]["decode_step_ms"]  # decode steps of one row, timed
     assert all(n <= 4 for n in serving["continuous"]["decode_step_ms"])
-    bench.print_serving({"serving": serving, "config": weights.config.to_dict()})
+    bench.print_serving({"serving": serving, "config": weights.config.to_dict(), "linear_weights": 10**6})
     bench.draw_chart({"models": {"tiny": {"serving": serving}}}, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
     solo = Engine(weights).generate(work[0][0], SamplingParams(max_tokens=work[0][1], ignore_eos=True))

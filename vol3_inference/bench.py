@@ -394,8 +394,10 @@ def print_decode(r: dict) -> None:
     say("  (full recompute: one timed run; the others: median of the rounds)")
     say(f"  greedy tokens: every KV cache variant == full recompute: {d['greedy_equal_naive']}; "
         f"first {d['greedy_prefix_equal_hf']}/{d['new_tokens']} equal to HF")
+    roof = r["roofline_tok_s"]
     say(f"  memory roofline: {r['weight_mb']:.1f} MB of fp32 weights per token at {r['bandwidth_gbs']:.1f} GB/s "
-        f"-> {r['roofline_tok_s']:.0f} tok/s")
+        f"-> {roof:.0f} tok/s; KV cache (ours) at {100 * t['KV cache'] / roof:.0f}% of it, the target "
+        f"(3x HF generate) at {300 * t['HF generate'] / roof:.0f}%")
 
 
 def print_int8(r: dict) -> None:
@@ -440,7 +442,8 @@ def print_serving(r: dict) -> None:
     co = s["continuous"]["tok_s"]
     say(f"  continuous / static padded = {co / s['static padded']['tok_s']:.2f}x, continuous / static = "
         f"{co / s['static']['tok_s']:.2f}x; every request's tokens identical across the fp32 runs (sweep "
-        f"included): {s['outputs_identical']}; 'continuous int8' = int8 weights, route {s['continuous int8']['route']}")
+        f"included): {s['outputs_identical']}; 'continuous int8' = int8 weights, route {s['continuous int8']['route']}, "
+        f"{s['continuous int8']['tok_s'] / co:.2f}x continuous fp32")
     say("  (static padded: a finished request's row is computed until its batch ends, as in a batched "
         "generate; static: it leaves the batch at once)")
     if s.get("sweep"):
@@ -460,6 +463,11 @@ def print_serving(r: dict) -> None:
             f"(sequential, {one['steps']} steps), {s['max_batch']} rows {full['median']:.2f} ms (continuous, "
             f"{full['steps']} steps): {s['max_batch']} tokens for {cost:.1f}x the time of one, so batching can "
             f"speed decoding up at most {s['max_batch'] / cost:.1f}x here")
+        if "linear_weights" in r:  # each weight is a multiply-add (2 FLOP) per row
+            gflop = 2 * s["max_batch"] * r["linear_weights"] / 1e9
+            say(f"  the {s['max_batch']}-row step's matmuls: {gflop:.2f} GFLOP ({s['max_batch']} rows x 2 x "
+                f"{r['linear_weights'] / 1e6:.1f} M weights) in {full['median']:.2f} ms = "
+                f"{gflop / full['median'] * 1e3:.0f} GFLOP/s, with everything else in the step counted against it")
     x = s["continuous"]
     say(f"  paged KV cache, continuous: peak {x['peak_kv_blocks']} of {x['kv_blocks']} blocks of 16 tokens "
         f"in use ({100 * x['peak_kv_blocks'] / x['kv_blocks']:.0f}%); a contiguous cache reserves "
@@ -557,6 +565,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
     weights, model = weights.to(args.device), model.to(args.device)
     res = {"config": weights.config.to_dict(), "rounds": args.rounds}
     res["weight_mb"] = weights.total_bytes() / 1e6
+    res["linear_weights"] = weights.linear_bytes() // weights.layers[0].wqkv.element_size()
     res["bandwidth_gbs"] = args.bandwidth
     res["roofline_tok_s"] = args.bandwidth * 1e9 / weights.total_bytes()
     res["kv_bytes_per_token"] = {"gqa": kv_bytes_per_token(weights.config), "mha": kv_bytes_per_token(
