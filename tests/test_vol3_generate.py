@@ -114,6 +114,15 @@ def test_bench_workload_and_serving_harness(tmp_path):
     assert len(solo) == work[0][1]
 
 
+def test_step_cost_model_fits_both_medians_and_predicts_from_step_counts():
+    a, b, ratio = bench.step_cost_model(0.3, 1.8, 16, rows=1000, n_static=200, n_cont=100)
+    assert a + b == pytest.approx(0.3) and a + 16 * b == pytest.approx(1.8)
+    assert ratio == pytest.approx((200 * a + 1000 * b) / (100 * a + 1000 * b)) and ratio > 1
+    assert bench.step_cost_model(0.3, 1.8, 16, 1000, 150, 150)[2] == pytest.approx(1.0)  # same steps: a tie
+    # when a step's cost is all fixed (b = 0), saving half the steps doubles throughput
+    assert bench.step_cost_model(1.0, 1.0, 16, 1000, 200, 100)[2] == pytest.approx(2.0)
+
+
 def test_decode_step_times_count_only_decode_steps_by_their_rows():
     trace = [(0.000, [("a", 5, "prefill")]),
              (0.001, [("a", 1, "decode")]),                       # 1 row, 1 ms

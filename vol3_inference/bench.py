@@ -363,6 +363,17 @@ def sweep_rows(serving: dict) -> dict[int, dict]:
 # --- printing --------------------------------------------------------------------------------------
 
 
+def step_cost_model(one_ms: float, full_ms: float, max_batch: int, rows: int, n_static: int,
+                    n_cont: int) -> tuple[float, float, float]:
+    """A step's cost as a + b x rows, through a 1-row step (one_ms) and a max_batch-row one (full_ms):
+    returns (a, b, the continuous / best-case static throughput it predicts). Both policies compute
+    the same `rows`; they differ only in their step counts, so a step saved is worth a, and the
+    predicted ratio is (n_static a + rows b) / (n_cont a + rows b)."""
+    b = (full_ms - one_ms) / (max_batch - 1)
+    a = one_ms - b
+    return a, b, (n_static * a + rows * b) / (n_cont * a + rows * b)
+
+
 def print_tables(name: str, r: dict) -> None:
     say(f"\n=== {name} ===")
     kv, c = r["kv_bytes_per_token"], r["config"]
@@ -463,6 +474,11 @@ def print_serving(r: dict) -> None:
             f"(sequential, {one['steps']} steps), {s['max_batch']} rows {full['median']:.2f} ms (continuous, "
             f"{full['steps']} steps): {s['max_batch']} tokens for {cost:.1f}x the time of one, so batching can "
             f"speed decoding up at most {s['max_batch'] / cost:.1f}x here")
+        rows, n_static, n_cont = s["continuous"]["output_tokens"], s["static"]["steps"], s["continuous"]["steps"]
+        a, b, ratio = step_cost_model(one["median"], full["median"], s["max_batch"], rows, n_static, n_cont)
+        say(f"  a step costs about a + b x rows, a = {a:.3f} ms, b = {b:.3f} ms (from those medians); counting "
+            f"each of the {rows:,} output tokens as a row, static's {n_static} steps against continuous's {n_cont} "
+            f"predict continuous / static = {ratio:.2f}x")
         if "linear_weights" in r:  # each weight is a multiply-add (2 FLOP) per row
             gflop = 2 * s["max_batch"] * r["linear_weights"] / 1e9
             say(f"  the {s['max_batch']}-row step's matmuls: {gflop:.2f} GFLOP ({s['max_batch']} rows x 2 x "
