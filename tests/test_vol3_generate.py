@@ -121,6 +121,8 @@ def test_step_cost_model_fits_both_medians_and_predicts_from_step_counts():
     assert bench.step_cost_model(0.3, 1.8, 16, 1000, 150, 150)[2] == pytest.approx(1.0)  # same steps: a tie
     # when a step's cost is all fixed (b = 0), saving half the steps doubles throughput
     assert bench.step_cost_model(1.0, 1.0, 16, 1000, 200, 100)[2] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="max_batch is 1"):  # one row count cannot give a and b
+        bench.step_cost_model(0.3, 0.3, 1, 1000, 200, 100)
 
 
 def test_decode_step_times_count_only_decode_steps_by_their_rows():

@@ -83,6 +83,11 @@ def test_int8_model_close_to_float_model(lm_head):
     # per weight: 1 byte + a 4-byte scale per row of `in` bytes, vs 4 bytes
     ratio = qweights.linear_bytes() / weights.linear_bytes()
     assert ratio < 0.3 if lm_head else ratio < 0.6
+    # the same weights counted either way; float32 is 4 bytes each
+    c = config
+    per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.dim * c.n_heads * c.head_dim + 3 * c.dim * c.hidden_dim
+    assert qweights.linear_params() == weights.linear_params() == c.n_layers * per_layer + c.vocab_size * c.dim
+    assert weights.linear_bytes() == 4 * weights.linear_params()
     assert 0 < qweights.quant_max_error < 0.02 * 4 / 254 * 2
     prompt = list(range(1, 40))
     ref = Engine(weights).prefill("s", prompt, all_logits=True)

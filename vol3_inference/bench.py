@@ -366,9 +366,14 @@ def sweep_rows(serving: dict) -> dict[int, dict]:
 def step_cost_model(one_ms: float, full_ms: float, max_batch: int, rows: int, n_static: int,
                     n_cont: int) -> tuple[float, float, float]:
     """A step's cost as a + b x rows, through a 1-row step (one_ms) and a max_batch-row one (full_ms):
-    returns (a, b, the continuous / best-case static throughput it predicts). Both policies compute
-    the same `rows`; they differ only in their step counts, so a step saved is worth a, and the
-    predicted ratio is (n_static a + rows b) / (n_cont a + rows b)."""
+    returns (a, b, the continuous / best-case static throughput it predicts; best case: the `static`
+    policy, whose finished rows leave at once). Both policies compute the same `rows`; they differ only
+    in their step counts, so a step saved is worth a, and the predicted ratio is
+    (n_static a + rows b) / (n_cont a + rows b). The bench passes the output tokens as `rows` and
+    leaves out the prompt tokens (the same in both): more rows would pull the ratio towards 1, so the
+    prediction is, if anything, generous to continuous batching. Raises ValueError if max_batch < 2."""
+    if max_batch < 2:
+        raise ValueError(f"the cost model needs steps of two different row counts; max_batch is {max_batch}")
     b = (full_ms - one_ms) / (max_batch - 1)
     a = one_ms - b
     return a, b, (n_static * a + rows * b) / (n_cont * a + rows * b)
@@ -474,11 +479,12 @@ def print_serving(r: dict) -> None:
             f"(sequential, {one['steps']} steps), {s['max_batch']} rows {full['median']:.2f} ms (continuous, "
             f"{full['steps']} steps): {s['max_batch']} tokens for {cost:.1f}x the time of one, so batching can "
             f"speed decoding up at most {s['max_batch'] / cost:.1f}x here")
-        rows, n_static, n_cont = s["continuous"]["output_tokens"], s["static"]["steps"], s["continuous"]["steps"]
-        a, b, ratio = step_cost_model(one["median"], full["median"], s["max_batch"], rows, n_static, n_cont)
-        say(f"  a step costs about a + b x rows, a = {a:.3f} ms, b = {b:.3f} ms (from those medians); counting "
-            f"each of the {rows:,} output tokens as a row, static's {n_static} steps against continuous's {n_cont} "
-            f"predict continuous / static = {ratio:.2f}x")
+        if s["max_batch"] > 1:
+            rows, n_static, n_cont = s["continuous"]["output_tokens"], s["static"]["steps"], s["continuous"]["steps"]
+            a, b, ratio = step_cost_model(one["median"], full["median"], s["max_batch"], rows, n_static, n_cont)
+            say(f"  a step costs about a + b x rows, a = {a:.3f} ms, b = {b:.3f} ms (from those medians); counting "
+                f"each of the {rows:,} output tokens as a row, static's {n_static} steps against continuous's "
+                f"{n_cont} predict continuous / static = {ratio:.2f}x")
         if "linear_weights" in r:  # each weight is a multiply-add (2 FLOP) per row
             gflop = 2 * s["max_batch"] * r["linear_weights"] / 1e9
             say(f"  the {s['max_batch']}-row step's matmuls: {gflop:.2f} GFLOP ({s['max_batch']} rows x 2 x "
@@ -581,7 +587,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
     weights, model = weights.to(args.device), model.to(args.device)
     res = {"config": weights.config.to_dict(), "rounds": args.rounds}
     res["weight_mb"] = weights.total_bytes() / 1e6
-    res["linear_weights"] = weights.linear_bytes() // weights.layers[0].wqkv.element_size()
+    res["linear_weights"] = weights.linear_params()
     res["bandwidth_gbs"] = args.bandwidth
     res["roofline_tok_s"] = args.bandwidth * 1e9 / weights.total_bytes()
     res["kv_bytes_per_token"] = {"gqa": kv_bytes_per_token(weights.config), "mha": kv_bytes_per_token(

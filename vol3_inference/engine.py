@@ -32,6 +32,7 @@ Hkv KV heads, hd head dim, F FFN hidden width, V vocabulary.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -168,11 +169,17 @@ class ModelWeights:
         return ModelWeights(self.config, mv(self.tok_embeddings), layers, mv(self.norm), mv(self.output),
                             self.dtype, self.quant, self.quant_max_error)
 
+    def _linears(self) -> list:
+        """The matrices the linear layers read: every layer's wqkv, wo, w13, w2, then the LM head."""
+        return [w for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2)] + [self.output]
+
     def linear_bytes(self) -> int:
         """Bytes of the weights the linear layers read (per-layer matrices and the LM head)."""
-        def nb(w):
-            return w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size()
-        return sum(nb(w) for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2)) + nb(self.output)
+        return sum(w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size() for w in self._linears())
+
+    def linear_params(self) -> int:
+        """Weights in the linear layers (per-layer matrices and the LM head): a multiply-add each per row."""
+        return sum(math.prod(w.shape) for w in self._linears())
 
     def total_bytes(self) -> int:
         def nb(w):
