@@ -3,6 +3,8 @@ line on stderr and exit status 2. Also a smoke test of the benchmark's serving h
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -85,7 +87,7 @@ def test_load_weights_modes(ckpt):
         load_weights(ckpt, quant="int4")
 
 
-def test_bench_workload_and_serving_harness(tmp_path):
+def test_bench_workload_and_serving_harness(tmp_path, capsys):
     work = bench.make_workload(50, 256, lambda rng, n: [int(t) for t in rng.integers(0, 300, n)])
     assert all(8 <= len(p) <= 128 and 1 <= n <= 256 and len(p) + n <= 256 for p, n in work)
     assert max(n for _, n in work) > 100 and min(len(p) for p, _ in work) < 30  # mixed lengths
@@ -105,9 +107,17 @@ def test_bench_workload_and_serving_harness(tmp_path):
     for k in bench.BATCHED:
         assert serving["sweep"][0][k]["output_tokens"] == sum(n for _, n in work)
     assert sorted(bench.sweep_rows(serving)) == [2, 4]
-    assert 1 in serving["sequential"]["decode_step_ms"]  # decode steps of one row, timed
-    assert all(n <= 4 for n in serving["continuous"]["decode_step_ms"])
-    bench.print_serving({"serving": serving, "config": weights.config.to_dict(), "linear_weights": 10**6})
+    assert bench.step_ms_at(serving["sequential"], 1)["steps"] > 0  # decode steps of one row, timed
+    assert all(e["rows"] <= 4 for e in serving["continuous"]["decode_step_ms"])
+    for k in ("sequential", *bench.BATCHED):
+        serving[k].pop("trace", None)  # as main() does before writing the JSON
+    report = {"serving": serving, "config": weights.config.to_dict(), "linear_weights": 10**6}
+    capsys.readouterr()  # the harness's own progress lines
+    bench.print_serving(report)
+    printed = capsys.readouterr().out
+    assert "decode-only steps" in printed and "a step costs about" in printed
+    bench.print_serving(json.loads(json.dumps(report)))  # read back from vol3.json: the same report
+    assert capsys.readouterr().out == printed
     bench.draw_chart({"models": {"tiny": {"serving": serving}}}, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
     solo = Engine(weights).generate(work[0][0], SamplingParams(max_tokens=work[0][1], ignore_eos=True))
@@ -133,8 +143,9 @@ def test_decode_step_times_count_only_decode_steps_by_their_rows():
              (0.009, [("a", 1, "decode"), ("b", 1, "pad")]),      # a padding row: not either
              (0.013, [("a", 1, "decode"), ("b", 1, "decode")])]   # 2 rows, 4 ms
     got = bench.decode_step_ms(trace)
-    assert list(got) == [1, 2] and got[1] == {"median": pytest.approx(1.0), "steps": 1}
-    assert got[2] == {"median": pytest.approx(3.0), "steps": 2}
+    assert got == [{"rows": 1, "median": pytest.approx(1.0), "steps": 1},
+                   {"rows": 2, "median": pytest.approx(3.0), "steps": 2}]
+    assert bench.step_ms_at({"decode_step_ms": got}, 2) is got[1] and bench.step_ms_at({}, 1) is None
 
 
 @pytest.mark.parametrize("argv", [["--sweep", "8,x"], ["--sweep", "0"], ["--seed512-sweep", "²"],

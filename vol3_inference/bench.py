@@ -300,10 +300,17 @@ def decode_step_times(trace: list) -> dict[int, list[float]]:
     return by_rows
 
 
-def decode_step_ms(trace: list) -> dict[int, dict]:
-    """{rows: {"median": ms, "steps": count}} of `decode_step_times`. What one more row costs on this
-    machine: the bound on what batching can gain over one-at-a-time decoding."""
-    return {n: {"median": statistics.median(v), "steps": len(v)} for n, v in sorted(decode_step_times(trace).items())}
+def decode_step_ms(trace: list) -> list[dict]:
+    """[{"rows": n, "median": ms, "steps": count}, ...] of `decode_step_times`, by rows: a list, not a
+    dict keyed by n, so that it reads back from the JSON with int row counts. What one more row costs
+    on this machine: the bound on what batching can gain over one-at-a-time decoding."""
+    return [{"rows": n, "median": statistics.median(v), "steps": len(v)}
+            for n, v in sorted(decode_step_times(trace).items())]
+
+
+def step_ms_at(run: dict, rows: int) -> dict | None:
+    """The `decode_step_ms` entry of a serving run for steps of `rows` rows, None if it has none."""
+    return next((e for e in run.get("decode_step_ms", ()) if e["rows"] == rows), None)
 
 
 # The batched policies, by their key in the results: scheduler policy, and the step token budget (a
@@ -472,7 +479,7 @@ def print_serving(r: dict) -> None:
             say(f"  {'':12s} {slots:5d} {pa['tok_s']:12.1f} {st['tok_s']:8.1f} {co['tok_s']:10.1f} "
                 f"{co['tok_s'] / pa['tok_s']:10.2f}x {co['tok_s'] / st['tok_s']:10.2f}x "
                 f"{co['tok_s'] / seq:7.2f}x {st['steps']:12d} {co['steps']:10d}")
-    one, full = (s[k].get("decode_step_ms", {}).get(n) for k, n in (("sequential", 1), ("continuous", s["max_batch"])))
+    one, full = step_ms_at(s["sequential"], 1), step_ms_at(s["continuous"], s["max_batch"])
     if one and full:
         cost = full["median"] / one["median"]
         say(f"  decode-only steps, median wall time with scheduling and sampling: 1 row {one['median']:.2f} ms "
