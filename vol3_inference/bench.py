@@ -588,7 +588,7 @@ def draw_timeline(serving: dict, path: Path, title: str) -> None:
 
 def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, val, args, out_dir,
                 n_new: int, n_requests: int, max_batch: int, max_output: int, agree_prompts: int,
-                sweep: Sequence[int] = (), serving_rounds: int = 3) -> dict:
+                sweep: Sequence[int] = (), serving_rounds: int = 5) -> dict:
     rng = np.random.default_rng(1)
     prompt = prompt_source(rng, 16)
     weights, model = weights.to(args.device), model.to(args.device)
@@ -635,9 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16,
                    help="batch slots (= KV memory) for static and continuous batching (trained)")
     p.add_argument("--seed512-max-batch", type=int, default=16, help="--max-batch for seed512")
-    p.add_argument("--serving-rounds", type=int, default=3,
+    p.add_argument("--serving-rounds", type=int, default=5,
                    help="alternating runs of sequential and the batched policies; each keeps its fastest "
-                        "(trained; a round costs ~10 s)")
+                        "(trained; a round costs ~7 s, its continuous run ~1 s, which a moment's load moves)")
     p.add_argument("--seed512-serving-rounds", type=int, default=2,
                    help="--serving-rounds for seed512 (a round costs ~55 s there, ~30 s of it sequential)")
     p.add_argument("--sweep", default="8",
