@@ -109,8 +109,6 @@ def test_bench_workload_and_serving_harness(tmp_path, capsys):
     assert sorted(bench.sweep_rows(serving)) == [2, 4]
     assert bench.step_ms_at(serving["sequential"], 1)["steps"] > 0  # decode steps of one row, timed
     assert all(e["rows"] <= 4 for e in serving["continuous"]["decode_step_ms"])
-    for k in ("sequential", *bench.BATCHED):
-        serving[k].pop("trace", None)  # as main() does before writing the JSON
     report = {"serving": serving, "config": weights.config.to_dict(), "linear_weights": 10**6}
     capsys.readouterr()  # the harness's own progress lines
     bench.print_serving(report)

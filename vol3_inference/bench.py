@@ -588,7 +588,7 @@ def draw_timeline(serving: dict, path: Path, title: str) -> None:
 
 def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, val, args, out_dir,
                 n_new: int, n_requests: int, max_batch: int, max_output: int, agree_prompts: int,
-                sweep: Sequence[int] = (), serving_rounds: int = 5) -> dict:
+                sweep: Sequence[int], serving_rounds: int) -> dict:
     rng = np.random.default_rng(1)
     prompt = prompt_source(rng, 16)
     weights, model = weights.to(args.device), model.to(args.device)
