@@ -46,15 +46,16 @@ def test_w8a16_within_its_bound(m, n, k16, seed, x_scale):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 2])  # batch 1 takes weight rows 4 at a time (and the last N % 4 one by one)
 @pytest.mark.parametrize("K", [2048, 2064, 8192])
-def test_w8a16_int32_sums_do_not_overflow(K):
+def test_w8a16_int32_sums_do_not_overflow(K, rows):
     """All weights +-127 against all activations at +max: each int32 lane would pass 2^31 past
     K = 4128 without the kernel's flush every 2048 columns."""
-    q = torch.full((3, K), 127, dtype=torch.int8)
-    q[1] = -127
-    q[2, ::2] = -127
-    scale = torch.tensor([0.5, 0.25, 1.0])
-    x = torch.full((2, K), 3.0)
+    q = torch.full((6, K), 127, dtype=torch.int8)
+    q[1::3] = -127
+    q[2::3, ::2] = -127
+    scale = torch.tensor([0.5, 0.25, 1.0, 2.0, 0.125, 4.0])
+    x = torch.full((rows, K), 3.0)
     y = cpu_kernels.w8a16_linear(x, q, scale)
     ref, _ = reference_and_bound(x, q, scale)
     assert torch.allclose(y.double(), ref, rtol=1e-6, atol=1e-3)
@@ -86,10 +87,11 @@ def test_w8a16_threads_split_columns_exactly():
     N, K = 4099, 1024  # N * K >= PARALLEL_MIN_WEIGHTS, and N not divisible by the thread count
     assert N * K >= cpu_kernels.PARALLEL_MIN_WEIGHTS
     qw, _ = quantize_int8(torch.randn(N, K, generator=g))
-    x = torch.randn(3, K, generator=g)
-    one = cpu_kernels.w8a16_linear(x, qw.q, qw.scale)
+    xs = [torch.randn(m, K, generator=g) for m in (1, 3)]
+    one = [cpu_kernels.w8a16_linear(x, qw.q, qw.scale) for x in xs]
     torch.set_num_threads(2)  # conftest puts it back to one
-    assert torch.equal(cpu_kernels.w8a16_linear(x, qw.q, qw.scale), one)
+    for x, y in zip(xs, one, strict=True):
+        assert torch.equal(cpu_kernels.w8a16_linear(x, qw.q, qw.scale), y)
 
 
 @needs_kernel
