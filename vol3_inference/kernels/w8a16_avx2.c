@@ -67,11 +67,11 @@ static void row_1(const int16_t *x, int64_t K, const int8_t *w, float *acc) {
  * rows are one contiguous run of 4K bytes, prefetched in order PREFETCH bytes ahead (two 64-byte lines
  * per 128 bytes consumed): the hardware prefetcher alone does not run far enough ahead.
  * Measured on this project's 2-core EPYC VM, over seed512's whole int8 decode step on two threads
- * (interleaved runs in one process; the matrices come from DRAM): 4 rows at a time decoded 1.05-1.12x
+ * (interleaved runs in one process; the matrices come from DRAM): 4 rows at a time decoded 1.02-1.34x
  * faster than one row at a time with the same prefetch; 2, 4 and 8 KB ahead were within the noise of
  * each other; with no software prefetch one thread streamed ~35% slower. Handing the tiles to the
  * threads interleaved (OpenMP dynamic, guided or static with chunk 4) instead of in two contiguous
- * halves was 1.1-1.4x slower. */
+ * halves was 1.1-1.5x slower. */
 static inline __m128 halves(__m256i v) {  /* lanes i + (i + 4), i = 0..3, in float: hsum_i32's first add */
     __m256 f = _mm256_cvtepi32_ps(v);
     return _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
