@@ -81,6 +81,25 @@ def test_w8a16_rounds_activations_to_nearest_even(rows):
 
 
 @needs_kernel
+@pytest.mark.parametrize("K", [48, 2064, 4112])
+def test_w8a16_one_row_is_bit_identical_to_that_row_in_a_batch(K):
+    """Batch 1 takes weight rows 4 at a time (and the last N % 4 one by one), batches of 2-4 rows one
+    weight row at a time: both add the int32 lanes, and the sums of 2048-column chunks, in the same
+    float order, so a row's outputs do not depend on the rows beside it (the fused step's batch
+    invariance rests on this). Values large enough that a different order would show."""
+    g = torch.Generator().manual_seed(K)
+    N = 67  # a tile of 64 and a tail of 3
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) + 0.5
+    x = torch.randn(5, K, generator=g) * 1e3
+    x[:, ::7] *= 50
+    for m in (2, 3, 4, 5):
+        batch = cpu_kernels.w8a16_linear(x[:m], q, scale)
+        for r in range(m):
+            assert torch.equal(cpu_kernels.w8a16_linear(x[r:r + 1], q, scale)[0], batch[r])
+
+
+@needs_kernel
 def test_w8a16_threads_split_columns_exactly():
     """Threads take whole output columns, so the result is bit-identical to one thread's."""
     g = torch.Generator().manual_seed(0)

@@ -531,8 +531,9 @@ def draw_chart(results: dict, path: Path) -> None:
             bars = ax.bar([k.replace(", ", ",\n").replace(" ", "\n") for k in vals], list(vals.values()),
                           color=["#999", "#8c8", "#2a7", "#47c", "#c64"][:len(vals)])
             ax.bar_label(bars, fmt="%.0f")
+            ax.margins(y=0.12)  # room for the tallest bar's label
             ax.tick_params(axis="x", labelsize=8)
-            ax.set_title(f"{name}: {title}", fontsize=9)
+            ax.set_title(f"{name}\n{title}", fontsize=9)  # two lines: a checkpoint path makes the name long
         s = r.get("serving", {})
         if s.get("sweep"):
             ax = axes[row][len(panels)]
@@ -546,7 +547,7 @@ def draw_chart(results: dict, path: Path) -> None:
             ax.set_xlabel("batch slots")
             ax.set_ylabel("tok/s")
             ax.legend(fontsize=8)
-            ax.set_title(f"{name}: serving tok/s vs batch slots", fontsize=9)
+            ax.set_title(f"{name}\nserving tok/s vs batch slots", fontsize=9)
         for ax in axes[row][len(panels) + bool(s.get("sweep")):]:
             ax.axis("off")
     fig.tight_layout()

@@ -65,7 +65,10 @@ static void row_1(const int16_t *x, int64_t K, const int8_t *w, float *acc) {
 /* One activation row (decode at batch 1, the memory-bound case) against 4 consecutive weight rows w
  * (4, K): acc[i] = x . w[i]. Each pair of activation vectors is loaded once for the 4 rows, and the 4
  * rows are one contiguous run of 4K bytes, prefetched in order PREFETCH bytes ahead (two 64-byte lines
- * per 128 bytes consumed): the hardware prefetcher alone does not run far enough ahead.
+ * per 128 bytes consumed): the hardware prefetcher alone does not run far enough ahead. (The prefetch
+ * walks the block in address order while the loads walk its 4 rows side by side, so row j's line at
+ * column k is fetched in time only while j K - PREFETCH <= 3 k: for K above ~2.7k the first lines of
+ * rows 2-3 are demand misses. The engine's presets have K <= 1376.)
  * Measured on this project's 2-core EPYC VM, over seed512's whole int8 decode step on two threads
  * (interleaved runs in one process; the matrices come from DRAM): 4 rows at a time decoded 1.02-1.34x
  * faster than one row at a time with the same prefetch; 2, 4 and 8 KB ahead were within the noise of
