@@ -134,7 +134,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     Sampling runs in float64 on the CPU, whatever device the logits come from (the generator is a
     CPU one, so a seeded run draws the same tokens on any device)."""
     if params.greedy and seen is None:  # the argmax of the logits themselves: float64 would not change it
-        return greedy_tokens(logits.reshape(1, -1))[0]  # the C scan where it runs: torch.argmax took ~90 us at V = 32,000
+        return greedy_tokens(logits.reshape(1, -1))[0]  # the C scan where it runs (probes argmax: 14 vs 75 us at V = 32,000)
     z = logits.detach().to("cpu", torch.float64)
     if seen is not None:
         z = apply_repetition_penalty(z, seen, params.repetition_penalty)

@@ -31,10 +31,15 @@
 #define NTILE 64
 #define PREFETCH 8192
 
+/* Lanes i + (i + 4), i = 0..3, in float: the first add of hsum_i32 and hsum4_i32. */
+static inline __m128 halves(__m256i v) {
+    __m256 f = _mm256_cvtepi32_ps(v);
+    return _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+}
+
 /* The sum of 8 int32 lanes, added in float: each lane fits in int32, their sum may not. */
 static inline float hsum_i32(__m256i v) {
-    __m256 f = _mm256_cvtepi32_ps(v);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+    __m128 s = halves(v);
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
@@ -75,10 +80,6 @@ static void row_1(const int16_t *x, int64_t K, const int8_t *w, float *acc) {
  * each other; with no software prefetch one thread streamed ~35% slower. Handing the tiles to the
  * threads interleaved (OpenMP dynamic, guided or static with chunk 4) instead of in two contiguous
  * halves was 1.1-1.5x slower. */
-static inline __m128 halves(__m256i v) {  /* lanes i + (i + 4), i = 0..3, in float: hsum_i32's first add */
-    __m256 f = _mm256_cvtepi32_ps(v);
-    return _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
-}
 /* hsum_i32 of 4 vectors at once, adding in exactly its order ((s0 + s2) + (s1 + s3) of the halves), so
  * that an output is the same to the last bit whichever kernel computed it: the engine's step is
  * batch-invariant (a sequence's logits do not depend on the rows beside it; tests/test_vol3_fused.py). */
