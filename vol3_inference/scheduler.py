@@ -245,8 +245,10 @@ class Scheduler:
                 self.engine.release(r.id)
         self.running = [r for r in self.running if not r.finished]
 
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an output for every request that produced tokens or finished."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that produced tokens or finished,
+        or with `final_only`, for every request that finished (what `LLM.generate` needs: vLLM's
+        `RequestOutputKind.FINAL_ONLY`), which spares building an output per row per step."""
         self._done: list[Request] = []
         plan = self._schedule()
         events: dict[Hashable, Request] = {r.id: r for r in self._done}
@@ -290,7 +292,7 @@ class Scheduler:
                 events[r.id] = r
         if self.policy != "static-padded" or all(r.finished for r in self.running):
             self._release_finished()  # finished requests free their blocks at once
-        return [self._output(r) for r in events.values()]
+        return [self._output(r) for r in events.values() if r.finished or not final_only]
 
     def _check_stop(self, r: Request, tok: int) -> None:
         p = r.params
@@ -322,10 +324,10 @@ class Scheduler:
         return RequestOutput(r.id, r.prompt, list(r.output), r.text, new_ids, new_text, r.finished,
                              r.finish_reason, r.error, ttft, list(r.token_times))
 
-    def run(self) -> Iterator[RequestOutput]:
-        """Step until every request has finished, yielding outputs as they come."""
+    def run(self, final_only: bool = False) -> Iterator[RequestOutput]:
+        """Step until every request has finished, yielding outputs as they come (see `step`)."""
         while self.has_unfinished():
-            yield from self.step()
+            yield from self.step(final_only)
 
 
 class LLM:
@@ -391,8 +393,8 @@ class LLM:
             except RequestError as e:
                 ids = list(prompt) if not isinstance(prompt, str) else []
                 results.append(RequestOutput(None, ids, [], "", [], "", True, "error", str(e)))
-        for out in self.scheduler.run():
-            if out.finished and out.id in reqs:
+        for out in self.scheduler.run(final_only=True):
+            if out.id in reqs:
                 results[reqs[out.id]] = out
         return results  # type: ignore[return-value]
 
