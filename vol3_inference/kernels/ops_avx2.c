@@ -454,6 +454,11 @@ int64_t attend_scratch_floats(int64_t H, int64_t Hkv, int64_t hd, int64_t W, int
     return H / Hkv * (W * bs + 2 * hd + 1);
 }
 
+/* Ask for floats p[0:n) to be brought into L1 (a hint: no fault, no effect on results). */
+static inline void prefetch_lines(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+
 /* Attention of B query rows, each over the first lens[b] cached positions of its sequence, read in
  * place through its block table: tables + (row_table ? row_table[b] : b) * W (a prefill chunk's rows
  * share their sequence's table and see one more position each, which makes them causal). Tables and
@@ -464,7 +469,12 @@ int64_t attend_scratch_floats(int64_t H, int64_t Hkv, int64_t hd, int64_t W, int
  * head adds its share of the block's values. So the cache is read from L2/L3 once per KV head, not
  * once per query head (same bits as head by head). Positions are walked block by block (a block's
  * keys are contiguous), with no division per position. Every row's result depends on its own length
- * and the block size only, never on the other rows. */
+ * and the block size only, never on the other rows.
+ * A sequence's blocks lie wherever the free list had them. Under continuous batching the running
+ * sequences take new blocks in turn, so one sequence's next block is rarely the one after its last,
+ * and the hardware prefetcher, which follows addresses in order, starts over at every block. So
+ * while a block's keys are scored (first KV head), this block's values and the next block's keys,
+ * every KV head's, are prefetched by hand. */
 static void attend_rows(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                         const int64_t *row_table, const int64_t *lens, float *out, float *scratch, int64_t B,
                         int64_t H, int64_t Hkv, int64_t hd, int64_t bs, int64_t W, int64_t q_stride, float scale,
@@ -483,6 +493,11 @@ static void attend_rows(const float *q, const float *k_cache, const float *v_cac
             for (int64_t j = 0, s0 = 0; s0 < S; j++, s0 += bs) {
                 const float *kb = kbase + table[j] * bs * row;
                 int64_t n = S - s0 < bs ? S - s0 : bs;
+                if (kvh == 0) {  /* every KV head's values of this block, and keys of the next */
+                    int64_t next = S - s0 - bs < bs ? S - s0 - bs : bs;  /* positions in the next block */
+                    prefetch_lines(v_cache + table[j] * bs * row, n * row);
+                    if (next > 0) prefetch_lines(k_cache + table[j + 1] * bs * row, next * row);
+                }
                 for (int64_t g = 0; g < group; g++) scores_block(q0 + g * hd, kb, n, row, hd, scale_v, scores + g * SW + s0);
             }
             for (int64_t g = 0; g < group; g++) {
