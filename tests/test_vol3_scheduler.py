@@ -139,29 +139,6 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train(text, CONFIG.vocab_size)
 
 
-def test_final_only_gives_each_request_one_output_the_same_as_the_streamed_last_one():
-    """`run(final_only=True)` (what LLM.generate uses) skips the per-step outputs, not the work: one
-    output per request, when it finishes, with the tokens, text, finish reason and token times that
-    the last output of a streamed run has."""
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 11, 3, 9)]
-    runs = {}
-    for final_only in (False, True):
-        sched = Scheduler(Engine(weights(), n_blocks=16, block_size=4), tokenizer(), max_batch=3,
-                          max_step_tokens=8)
-        for i, p in enumerate(prompts):
-            sched.add_request(p, params_for(i % 2, 5 + 3 * i, i), request_id=i)
-        runs[final_only] = list(sched.run(final_only=final_only))
-    streamed, final = runs[False], runs[True]
-    assert len(streamed) > 2 * len(prompts)  # the streamed run had outputs along the way
-    assert sorted(o.id for o in final) == list(range(len(prompts))) and all(o.finished for o in final)
-    last = {o.id: o for o in streamed}  # each request's last streamed output
-    for o in final:
-        s = last[o.id]
-        assert s.finished and (o.token_ids, o.text, o.finish_reason) == (s.token_ids, s.text, s.finish_reason)
-        assert o.new_token_ids == o.token_ids and len(o.token_times) == len(o.token_ids)
-
-
 def test_bad_requests_fail_alone():
     llm = LLM(weights(), tokenizer(), max_batch=4)
     good = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -201,6 +178,31 @@ def test_stream_and_stop_strings():
     out = llm.generate(["To be, or not"], SamplingParams(max_tokens=30, stop_token_ids=(stop_id,)))[0]
     assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
     assert out.text == tokenizer().decode(out.token_ids[:-1])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_final_only_gives_each_request_one_output_the_same_as_the_streamed_last_one(policy):
+    """`run(final_only=True)` (what LLM.generate uses) skips the per-step outputs, not the work: one
+    output per request, when it finishes, with the tokens, text and finish reason of the last output
+    of a streamed run, and everything in it new (nothing was streamed before). Under static-padded
+    batching a finished request stays in the batch as padding: it must not be output again."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 11, 3, 9)]
+    runs = {}
+    for final_only in (False, True):
+        sched = Scheduler(Engine(weights(), n_blocks=16, block_size=4), tokenizer(), max_batch=3,
+                          max_step_tokens=8, policy=policy)
+        for i, p in enumerate(prompts):
+            sched.add_request(p, params_for(i % 2, 5 + 3 * i, i), request_id=i)
+        runs[final_only] = list(sched.run(final_only=final_only))
+    streamed, final = runs[False], runs[True]
+    assert len(streamed) > 2 * len(prompts)  # the streamed run had outputs along the way
+    assert sorted(o.id for o in final) == list(range(len(prompts))) and all(o.finished for o in final)
+    last = {o.id: o for o in streamed}  # each request's last streamed output
+    for o in final:
+        s = last[o.id]
+        assert s.finished and (o.token_ids, o.text, o.finish_reason) == (s.token_ids, s.text, s.finish_reason)
+        assert o.new_token_ids == o.token_ids and o.new_text == o.text
 
 
 def test_static_padded_releases_padding_when_a_prefill_needs_its_blocks():

@@ -268,9 +268,7 @@ def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: 
     t0 = time.perf_counter()
     for prompt, n_out in work:
         sched.add_request(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True))
-    reqs = {}
-    for out in sched.run(final_only=True):
-        reqs[out.id] = out
+    reqs = {out.id: out for out in sched.run(final_only=True)}
     wall = time.perf_counter() - t0
     n_tokens = sum(len(o.token_ids) for o in reqs.values())
     ttft = [o.ttft for o in reqs.values()]

@@ -248,7 +248,8 @@ class Scheduler:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that produced tokens or finished,
         or with `final_only`, for every request that finished (what `LLM.generate` needs: vLLM's
-        `RequestOutputKind.FINAL_ONLY`), which spares building an output per row per step."""
+        `RequestOutputKind.FINAL_ONLY`), which spares building an output per row per step. (Its
+        `new_token_ids` and `new_text` are then everything not yet returned by earlier steps.)"""
         self._done: list[Request] = []
         plan = self._schedule()
         events: dict[Hashable, Request] = {r.id: r for r in self._done}

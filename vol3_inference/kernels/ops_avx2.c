@@ -470,11 +470,11 @@ static inline void prefetch_lines(const float *p, int64_t n) {
  * once per query head (same bits as head by head). Positions are walked block by block (a block's
  * keys are contiguous), with no division per position. Every row's result depends on its own length
  * and the block size only, never on the other rows.
- * A sequence's blocks lie wherever the free list had them. Under continuous batching the running
- * sequences take new blocks in turn, so one sequence's next block is rarely the one after its last,
- * and the hardware prefetcher, which follows addresses in order, starts over at every block. So
- * while a block's keys are scored (first KV head), this block's values and the next block's keys,
- * every KV head's, are prefetched by hand. */
+ * A block is a short run of memory (one layer's keys of a block: 4 KiB, a page, for the trained
+ * model), and a sequence's next block lies wherever the free list had it (under continuous batching
+ * the running sequences take blocks in turn), so a hardware prefetcher, which follows a stream
+ * within a page, starts over at every block. So while a block's keys are scored (first KV head),
+ * this block's values and the next block's keys, every KV head's, are prefetched by hand. */
 static void attend_rows(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                         const int64_t *row_table, const int64_t *lens, float *out, float *scratch, int64_t B,
                         int64_t H, int64_t Hkv, int64_t hd, int64_t bs, int64_t W, int64_t q_stride, float scale,
