@@ -114,8 +114,14 @@ def test_bench_workload_and_serving_harness(tmp_path, capsys):
     bench.print_serving(report)
     printed = capsys.readouterr().out
     assert "decode-only steps" in printed and "a step costs about" in printed
+    assert "the fastest of 2 alternating runs" in printed and "one run each" not in printed
     bench.print_serving(json.loads(json.dumps(report)))  # read back from vol3.json: the same report
     assert capsys.readouterr().out == printed
+    once = json.loads(json.dumps(report))  # as --seed512-serving-rounds 1 leaves it
+    for k in ("sequential", *bench.BATCHED):
+        once["serving"][k]["walls"] = once["serving"][k]["walls"][:1]
+    bench.print_serving(once)
+    assert "fp32 policies: one run each" in capsys.readouterr().out
     bench.draw_chart({"models": {"tiny": {"serving": serving}}}, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
     solo = Engine(weights).generate(work[0][0], SamplingParams(max_tokens=work[0][1], ignore_eos=True))
