@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from shared.config import get_preset
@@ -97,3 +99,17 @@ def test_overhead_probe_restores_the_fused_step_and_prints_every_row_count(capsy
         assert rows == ["1", "3"]
     else:
         assert "cannot run here" in out
+
+
+def test_threads_probe_prints_the_verdict_beside_serving_at_one_and_two_threads(capsys):
+    before = torch.get_num_threads()
+    assert probes.main(["threads", "--presets", "tiny", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == before
+    if (os.cpu_count() or 1) < 2:
+        assert "one core here" in out
+        return
+    rounds = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rounds) == 1 and len(rounds[0]) == 9 and rounds[0][0] == "1" and rounds[0][4] in ("1", "2")
+    assert all(float(x) > 0 for x in rounds[0][1:])
+    assert "every round (1): 2 threads served sequential" in out and "continuous" in out

@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where every variant runs: auto = cuda when torch sees one, else cpu")
     p.add_argument("--threads", default="auto",
-                   help="torch intra-op threads for every variant, or 'auto': time 1 vs 2 and keep the faster (2 on a tie within 5%%)")
+                   help="torch intra-op threads for every variant, or 'auto': time 1 vs 2 and keep the faster (2 unless 1 is over 25%% faster)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per decode measurement (trained)")
     p.add_argument("--requests", type=int, default=64, help="requests in the serving workload (trained)")

@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--int8-route", choices=sorted(INT8_ROUTES), default=INT8_ROUTE,
                    help="how int8 matmuls run (see python -m vol3_inference.quant)")
     p.add_argument("--threads", default="auto",
-                   help="torch intra-op threads on CPU, or 'auto': time 1 vs 2 on a matmul and keep the faster (2 on a tie within 5%%)")
+                   help="torch intra-op threads on CPU, or 'auto': time 1 vs 2 on a matmul and keep the faster (2 unless 1 is over 25%% faster)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the engine runs: auto = cuda when torch sees one, else cpu")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],

@@ -1,4 +1,4 @@
-"""Six measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
+"""Seven measurements behind design choices of the engine, printed so the chapter's figures can be rerun.
 
     python -m vol3_inference.probes layout     # fp32 weights row-major vs column-major (engine.gemv_layout)
     python -m vol3_inference.probes gemv       # the C fp32 decode GEMV vs MKL (ops.CpuGemvOps)
@@ -6,6 +6,7 @@
     python -m vol3_inference.probes compile    # torch.compile of the decode step, and of the small ops
     python -m vol3_inference.probes argmax     # a step's greedy tokens: torch.argmax vs the C scan
     python -m vol3_inference.probes overhead   # the Python around the fused step, by rows in the step
+    python -m vol3_inference.probes threads    # the thread probe's verdict vs serving at 1 and 2 threads
 
 `layout` times the matrix-vector products of one decode step — every weight matrix of a model, cycled
 so that, as in a real step, each comes from DRAM rather than cache — with the weights stored as
@@ -39,6 +40,12 @@ once, so that what is left is the Python of a step (scheduling, the engine's boo
 tensors, sampling, outputs). It prints the median decode-only step time by the number of rows in
 the step for both, Python's share, and how many steps each median is over: full batches are most of
 the steps, and fewer rows occur only while the batch drains at the end.
+
+`threads` asks whether the thread probe's verdict (`shared.threads.pick_threads`, which `--threads
+auto` runs once at the start of the bench and `generate`) predicts the serving that follows. Each round
+runs the probe, then serves the bench's workload (random weights, as `overhead`) one request at a time
+and by continuous batching with 16 slots, at 1 and then 2 threads, and prints the probe's two times
+beside the four wall times. It needs two cores. (Default preset: cpu, the trained model's shape.)
 
 Timings are medians of interleaved rounds on the current thread count (default 1: `--threads`).
 """
@@ -350,10 +357,62 @@ def probe_overhead(preset: str, rows: list[int], rounds: int) -> None:
             print(f"  {m:5d} (no decode-only step of {m} rows in this workload)")
 
 
+def probe_threads(preset: str, rounds: int) -> None:
+    from shared.threads import TIE, fastest, pick_threads
+    from vol3_inference import bench
+
+    if (os.cpu_count() or 1) < 2:
+        print(f"{preset}: one core here, so there is no thread count to choose")
+        return
+    c = get_preset(preset)
+    torch.manual_seed(0)
+    weights = ModelWeights.from_model(Transformer(c))
+    work = bench.make_workload(64, c.max_seq_len, lambda rng, n: [int(t) for t in rng.integers(1, c.vocab_size, n)],
+                               max_output=256 if c.max_seq_len <= 256 else 128)  # as the bench (seed512: 128)
+    policies = {"sequential": (1, 256), "continuous": (16, 512)}  # (slots, step token budget), as the bench
+    before = torch.get_num_threads()
+    print(f"{preset}: the thread probe (ms, median of its rounds), then the bench's 64 requests served "
+          f"(wall s) at 1 and 2 threads, {rounds} round(s)")
+    print(f"  {'round':>5s} {'probe 1t':>9s} {'2t':>6s} {'2t/1t':>6s} {'picks':>6s} {'sequential 1t':>14s} {'2t':>5s} "
+          f"{'continuous 1t':>14s} {'2t':>5s}")
+    runs = []
+    try:
+        for i in range(rounds):
+            _, probe = pick_threads(candidates=[1, 2])
+            walls = {}
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                for key, (slots, budget) in policies.items():
+                    walls[key, n] = bench.run_serving(weights, work, max_batch=slots, policy="continuous",
+                                                      max_step_tokens=budget)["wall_s"]
+            runs.append((probe, walls))
+            print(f"  {i + 1:5d} {1e3 * probe[1]:9.1f} {1e3 * probe[2]:6.1f} {probe[2] / probe[1]:6.2f} "
+                  f"{fastest(probe):6d} {walls['sequential', 1]:14.2f} {walls['sequential', 2]:5.2f} "
+                  f"{walls['continuous', 1]:14.2f} {walls['continuous', 2]:5.2f}")
+    finally:
+        torch.set_num_threads(before)
+    print(f"  ('picks': the probe's choice, the larger count within {TIE:.0%} of the faster)")
+    slower = [(r, r[0][2] / r[0][1]) for r in runs]  # each round with its probe's 2t/1t
+    for label, sel in (("every round", runs),
+                       (f"rounds where the probe's 2 threads were 5-{TIE:.0%} slower (a 5% rule picks 1, this one 2)",
+                        [r for r, x in slower if 1.05 < x <= 1 + TIE]),
+                       (f"rounds where they were over {TIE:.0%} slower (the probe picks 1)",
+                        [r for r, x in slower if x > 1 + TIE])):
+        if not sel:
+            print(f"  {label}: none")
+            continue
+        gains = {k: sorted(w[k, 1] / w[k, 2] for _, w in sel) for k in policies}
+        print(f"  {label} ({len(sel)}): 2 threads served " + "; ".join(
+            f"{k} {g[0]:.2f}-{g[-1]:.2f}x (median {statistics.median(g):.2f}x)" for k, g in gains.items())
+            + " as fast as 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m vol3_inference.probes", description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["layout", "gemv", "fused", "compile", "argmax", "overhead"], help="which measurement")
-    p.add_argument("--presets", default="seed512,cpu", help="every probe but compile: comma-separated presets")
+    p.add_argument("probe", choices=["layout", "gemv", "fused", "compile", "argmax", "overhead", "threads"],
+                   help="which measurement")
+    p.add_argument("--presets", default=None,
+                   help="every probe but compile: comma-separated presets (default seed512,cpu; threads: cpu)")
     p.add_argument("--rows", default=None,
                    help="layout, fused, argmax, overhead: batch rows to time (default: layout 1,4,16,64, the "
                         "others 1,2,4,8,16; overhead: the largest is the batch slots)")
@@ -366,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--rounds, --threads and --context must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    if args.probe in ("layout", "gemv", "fused", "argmax", "overhead"):
+    if args.probe in ("layout", "gemv", "fused", "argmax", "overhead", "threads"):
         try:
             default_rows = "1,4,16,64" if args.probe == "layout" else "1,2,4,8,16"
             rows = [int(r) for r in (args.rows or default_rows).split(",")]
-            presets = [x.strip() for x in args.presets.split(",") if x.strip()]
+            default_presets = "cpu" if args.probe == "threads" else "seed512,cpu"
+            presets = [x.strip() for x in (args.presets or default_presets).split(",") if x.strip()]
             for name in presets:
                 get_preset(name)
         except ValueError as e:
@@ -386,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 probe_argmax(name, rows, args.rounds)
             elif args.probe == "overhead":
                 probe_overhead(name, rows, args.rounds)
+            elif args.probe == "threads":
+                probe_threads(name, args.rounds)
             else:
                 probe_gemv(name, args.rounds)
         return 0
