@@ -313,6 +313,18 @@ def probe_argmax(preset: str, rows: list[int], rounds: int) -> None:
         print(f"  {m:5d} {t['torch']:13.1f} {t['ours']:14.1f} {t['torch'] / t['ours']:6.2f}x")
 
 
+def bench_workload(c) -> tuple[ModelWeights, list]:
+    """Random weights of config `c` (seed 0) and the bench's serving workload for them: 64 requests,
+    outputs up to 256 tokens (128 where max_seq_len > 256, as the bench's seed512)."""
+    from vol3_inference import bench
+
+    torch.manual_seed(0)
+    weights = ModelWeights.from_model(Transformer(c))
+    work = bench.make_workload(64, c.max_seq_len, lambda rng, n: [int(t) for t in rng.integers(1, c.vocab_size, n)],
+                               max_output=256 if c.max_seq_len <= 256 else 128)
+    return weights, work
+
+
 def probe_overhead(preset: str, rows: list[int], rounds: int) -> None:
     from vol3_inference import bench, cpu_kernels
 
@@ -320,10 +332,7 @@ def probe_overhead(preset: str, rows: list[int], rounds: int) -> None:
         print(f"{preset}: the C kernels cannot run here ({why})")
         return
     c = get_preset(preset)
-    torch.manual_seed(0)
-    weights = ModelWeights.from_model(Transformer(c))
-    work = bench.make_workload(64, c.max_seq_len, lambda rng, n: [int(t) for t in rng.integers(1, c.vocab_size, n)],
-                               max_output=256 if c.max_seq_len <= 256 else 128)  # as the bench (seed512: 128)
+    weights, work = bench_workload(c)
     steps: dict[str, dict[int, list[float]]] = {"full": {}, "python": {}}
     real = cpu_kernels.FusedStep.__call__
     logits = torch.randn(512, c.vocab_size)  # made once: the stub costs a slice (a step has <= 512 rows)
@@ -365,10 +374,7 @@ def probe_threads(preset: str, rounds: int) -> None:
         print(f"{preset}: one core here, so there is no thread count to choose")
         return
     c = get_preset(preset)
-    torch.manual_seed(0)
-    weights = ModelWeights.from_model(Transformer(c))
-    work = bench.make_workload(64, c.max_seq_len, lambda rng, n: [int(t) for t in rng.integers(1, c.vocab_size, n)],
-                               max_output=256 if c.max_seq_len <= 256 else 128)  # as the bench (seed512: 128)
+    weights, work = bench_workload(c)
     policies = {"sequential": (1, 256), "continuous": (16, 512)}  # (slots, step token budget), as the bench
     before = torch.get_num_threads()
     print(f"{preset}: the thread probe (ms, median of its rounds), then the bench's 64 requests served "
