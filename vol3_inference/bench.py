@@ -639,9 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="alternating runs of sequential and the batched policies; each keeps its fastest "
                         "(trained; a round costs ~7 s, its continuous run ~1 s, which a moment's load moves)")
     p.add_argument("--seed512-serving-rounds", type=int, default=1,
-                   help="--serving-rounds for seed512 (a round costs ~55 s there, ~30 s of it sequential; "
-                        "its ratios clear their targets by more than its run-to-run spread, and 2 rounds "
-                        "took the bench near its 5 minutes)")
+                   help="--serving-rounds for seed512 (a round costs ~55 s there, ~27 s of it sequential; "
+                        "2 rounds took the bench to its 5 minutes)")
     p.add_argument("--sweep", default="8",
                    help="more batch-slot counts at which the batched policies are rerun (trained; e.g. 8,32); '' for none")
     p.add_argument("--seed512-sweep", default="",

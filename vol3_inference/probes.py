@@ -47,7 +47,8 @@ runs the probe, then serves the bench's workload (random weights, as `overhead`)
 and by continuous batching with 16 slots, at 1 and then 2 threads, and prints the probe's two times
 beside the four wall times. It needs two cores. (Default preset: cpu, the trained model's shape.)
 
-Timings are medians of interleaved rounds on the current thread count (default 1: `--threads`).
+Timings are medians of interleaved rounds on the current thread count (default 1: `--threads`;
+`threads` sets its own).
 """
 
 from __future__ import annotations
