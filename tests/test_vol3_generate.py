@@ -102,7 +102,7 @@ def test_bench_workload_and_serving_harness(tmp_path, capsys):
     for k in ("sequential", *bench.BATCHED):
         assert serving[k]["output_tokens"] == sum(n for _, n in work)
     # both static kinds run each batch until its longest request ends; padding computes more rows
-    assert serving["static padded"]["steps"] == serving["static"]["steps"] >= serving["continuous"]["steps"]
+    assert serving["static"]["steps"] == serving["static, early exit"]["steps"] >= serving["continuous"]["steps"]
     assert [p["slots"] for p in serving["sweep"]] == [2]  # the headline slot count is not rerun
     for k in bench.BATCHED:
         assert serving["sweep"][0][k]["output_tokens"] == sum(n for _, n in work)

@@ -115,19 +115,19 @@ def test_static_and_sequential_policies_give_the_same_tokens():
                 for n, m in [(5, 20), (9, 3), (2, 11), (14, 7), (7, 16)]]
     kw = dict(n_blocks=64, block_size=4, max_step_tokens=64)
     cont, _ = run_schedule(arrivals, max_batch=4, **kw)
+    early, s_early = run_schedule(arrivals, max_batch=4, policy="static-early-exit", trace=True, **kw)
     static, s_static = run_schedule(arrivals, max_batch=4, policy="static", trace=True, **kw)
-    padded, s_padded = run_schedule(arrivals, max_batch=4, policy="static-padded", trace=True, **kw)
     seq, s_seq = run_schedule(arrivals, max_batch=1, **kw)
     for i in range(len(arrivals)):
-        assert cont[i].token_ids == static[i].token_ids == padded[i].token_ids == seq[i].token_ids
+        assert cont[i].token_ids == early[i].token_ids == static[i].token_ids == seq[i].token_ids
     # static batching waits for its whole batch: 4 requests then 1, so it needs more steps
-    assert s_static.n_steps == s_padded.n_steps == 20 + 16
+    assert s_early.n_steps == s_static.n_steps == 20 + 16
     assert s_seq.n_steps == sum(m for m in (20, 3, 11, 7, 16))
-    # the first batch's rows: static drops a finished request's row, padded keeps all 4 for 20 steps
-    rows = [len(items) for _, items in s_static.trace[:20]]
+    # the first batch's rows: early exit drops a finished request's row, static keeps all 4 for 20 steps
+    rows = [len(items) for _, items in s_early.trace[:20]]
     assert rows == [4] * 3 + [3] * 4 + [2] * 4 + [1] * 9  # outputs 20, 3, 11, 7 tokens long
-    assert [len(items) for _, items in s_padded.trace[:20]] == [4] * 20
-    assert sum(kind == "pad" for _, items in s_padded.trace for _, _, kind in items) == 3 * 20 - (3 + 11 + 7)
+    assert [len(items) for _, items in s_static.trace[:20]] == [4] * 20
+    assert sum(kind == "pad" for _, items in s_static.trace for _, _, kind in items) == 3 * 20 - (3 + 11 + 7)
 
 
 # --- the user-facing API ---------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_stream_and_stop_strings():
 def test_final_only_gives_each_request_one_output_the_same_as_the_streamed_last_one(policy):
     """`run(final_only=True)` (what LLM.generate uses) skips the per-step outputs, not the work: one
     output per request, when it finishes, with the tokens, text and finish reason of the last output
-    of a streamed run, and everything in it new (nothing was streamed before). Under static-padded
+    of a streamed run, and everything in it new (nothing was streamed before). Under static
     batching a finished request stays in the batch as padding: it must not be output again."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 11, 3, 9)]
@@ -205,20 +205,20 @@ def test_final_only_gives_each_request_one_output_the_same_as_the_streamed_last_
         assert o.new_token_ids == o.token_ids and o.new_text == o.text
 
 
-def test_static_padded_releases_padding_when_a_prefill_needs_its_blocks():
+def test_static_releases_padding_when_a_prefill_needs_its_blocks():
     """A finished request's padding row must not hold the blocks a mid-prefill request needs
     (found in review: the batch stalled forever, planning only the padding row)."""
     g = torch.Generator().manual_seed(4)
     arrivals = [(0, [1, 2], params_for(0, 1, 0)),
                 (0, torch.randint(0, 300, (18,), generator=g).tolist(), params_for(0, 1, 0))]
     done, sched = run_schedule(arrivals, n_blocks=5, block_size=4, max_batch=2, max_step_tokens=8,
-                               policy="static-padded")
+                               policy="static")
     for i, (_, prompt, params) in enumerate(arrivals):
         assert done[i].token_ids == solo(tuple(prompt), params)
     arrivals = [(0, torch.randint(0, 300, (p,), generator=g).tolist(), params_for(0, m, 0))
                 for p, m in [(19, 14), (20, 14), (2, 3), (7, 13)]]
     done, _ = run_schedule(arrivals, n_blocks=12, block_size=4, max_batch=2, max_step_tokens=2,
-                           policy="static-padded")
+                           policy="static")
     for i, (_, prompt, params) in enumerate(arrivals):
         assert done[i].token_ids == solo(tuple(prompt), params)
 
@@ -301,10 +301,10 @@ def test_float32_fused_serving_gives_each_request_its_solo_logits_bit_for_bit(po
 
 @pytest.mark.parametrize("second", [SamplingParams(max_tokens=3), SamplingParams(temperature=0.8, seed=5, max_tokens=3)])
 def test_a_padding_row_before_a_prefill_does_not_shift_the_logits_rows(second):
-    """Under static-padded batching a finished request's padding row can come first in a step's plan,
+    """Under static batching a finished request's padding row can come first in a step's plan,
     ahead of another request's last prefill chunk: that request must sample from its own row."""
     engine = Engine(weights(), n_blocks=64, block_size=4)
-    sched = Scheduler(engine, max_batch=4, max_step_tokens=8, policy="static-padded", trace=True)
+    sched = Scheduler(engine, max_batch=4, max_step_tokens=8, policy="static", trace=True)
     prompts = {"A": [1, 2, 3], "B": list(range(5, 35))}
     sched.add_request(prompts["A"], SamplingParams(max_tokens=2), request_id="A")
     sched.add_request(prompts["B"], second, request_id="B")

@@ -9,14 +9,15 @@ Three tables, for the model trained by `make vol2-train` (trained on Shakespeare
 2. int8: linear-weight bytes, decode tok/s and validation bits per byte, int8 vs fp32, plus how many
    greedy tokens int8 keeps in common with fp32 on validation prompts.
 3. serving: 64 requests of mixed prompt (8-128) and output (16-256) lengths, all queued at t=0: one at
-   a time vs static batches (padded, as a batched `generate` runs them, and the best case where a
-   finished row leaves the batch) vs continuous batching; throughput, time to first token (TTFT) and
-   time per output token (TPOT), p50/p95.
+   a time vs static batches (as a batched `generate` runs them: a finished request's row is padding
+   until its batch ends; and our best case, "early exit", where it leaves the batch at once) vs
+   continuous batching; throughput, time to first token (TTFT) and time per output token (TPOT),
+   p50/p95.
 
 Timings interleave the compared variants round by round in one process and report medians, so
 load from other processes hits all of them alike; ratios are the figures to read. Writes
 `runs/bench/vol3.json`, `runs/bench/vol3.png` (the tables as bars) and `runs/bench/vol3_timeline.png`
-(padded static, static and continuous batching, drawn from real scheduler traces).
+(static, early-exit static and continuous batching, drawn from real scheduler traces).
 """
 
 from __future__ import annotations
@@ -312,12 +313,13 @@ def step_ms_at(run: dict, rows: int) -> dict | None:
 
 # The batched policies, by their key in the results: scheduler policy, and the step token budget (a
 # static batch prefills all its prompts in one step; continuous batching mixes prefill into decode).
-BATCHED = {"static padded": ("static-padded", 128), "static": ("static", 128), "continuous": ("continuous", None)}
+BATCHED = {"static": ("static", 128), "static, early exit": ("static-early-exit", 128),
+           "continuous": ("continuous", None)}
 
 
 def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: Sequence[int] = (),
                   rounds: int = 2) -> dict:
-    """Sequential vs padded static vs static vs continuous batching at `max_batch` slots (plus int8),
+    """Sequential vs static vs early-exit static vs continuous batching at `max_batch` slots (plus int8),
     then the three batched policies again at every other slot count in `sweep` (fp32 only, no traces).
 
     The sequential baseline and the batched policies, whose ratios are the headline, run `rounds`
@@ -370,10 +372,11 @@ def sweep_rows(serving: dict) -> dict[int, dict]:
 def step_cost_model(one_ms: float, full_ms: float, max_batch: int, rows: int, n_static: int,
                     n_cont: int) -> tuple[float, float, float]:
     """A step's cost as a + b x rows, through a 1-row step (one_ms) and a max_batch-row one (full_ms):
-    returns (a, b, the continuous / best-case static throughput it predicts; best case: the `static`
-    policy, whose finished rows leave at once). Both policies compute the same `rows`; they differ only
-    in their step counts, so a step saved is worth a, and the predicted ratio is
-    (n_static a + rows b) / (n_cont a + rows b). The bench passes the output tokens as `rows` and
+    returns (a, b, the continuous / early-exit static throughput it predicts; early exit: the
+    `static-early-exit` policy, whose finished rows leave at once, and whose `n_static` steps are those
+    of plain static batching). Both policies compute the same `rows`; they differ only in their step
+    counts, so a step saved is worth a, and the predicted ratio is (n_static a + rows b) / (n_cont a +
+    rows b). The bench passes the output tokens as `rows` and
     leaves out the prompt tokens (the same in both): more rows would pull the ratio towards 1, so the
     prediction is, if anything, generous to continuous batching. Raises ValueError if max_batch < 2."""
     if max_batch < 2:
@@ -448,11 +451,11 @@ def print_serving(r: dict) -> None:
     s, c = r["serving"], r["config"]
     say(f"serving {s['requests']} requests (prompts 8-128, outputs 16-{s['max_output']} capped at max_seq_len), "
         f"all queued at t=0, up to {s['max_batch']} running:")
-    say(f"  {'':15s} {'tok/s':>8s} {'vs seq':>7s} {'wall s':>7s} {'steps':>6s} {'TTFT p50/p95 s':>15s} "
+    say(f"  {'':18s} {'tok/s':>8s} {'vs seq':>7s} {'wall s':>7s} {'steps':>6s} {'TTFT p50/p95 s':>15s} "
         f"{'TPOT p50/p95 ms':>16s} {'preempt':>7s}")
     for k in ("sequential", *BATCHED, "continuous int8"):
         x = s[k]
-        say(f"  {k:15s} {x['tok_s']:8.1f} {x['tok_s'] / s['sequential']['tok_s']:6.2f}x {x['wall_s']:7.1f} "
+        say(f"  {k:18s} {x['tok_s']:8.1f} {x['tok_s'] / s['sequential']['tok_s']:6.2f}x {x['wall_s']:7.1f} "
             f"{x['steps']:6d} {x['ttft_s']['p50']:7.2f}/{x['ttft_s']['p95']:<7.2f} "
             f"{x['tpot_ms']['p50']:7.1f}/{x['tpot_ms']['p95']:<8.1f} {x['preemptions']:7d}")
     n_walls = len(s["static"].get("walls", []))
@@ -462,21 +465,21 @@ def print_serving(r: dict) -> None:
     else:
         say("  fp32 policies: one run each")
     co = s["continuous"]["tok_s"]
-    say(f"  continuous / static padded = {co / s['static padded']['tok_s']:.2f}x, continuous / static = "
-        f"{co / s['static']['tok_s']:.2f}x; every request's tokens identical across the fp32 runs (sweep "
+    say(f"  continuous / static = {co / s['static']['tok_s']:.2f}x, continuous / static, early exit = "
+        f"{co / s['static, early exit']['tok_s']:.2f}x; every request's tokens identical across the fp32 runs (sweep "
         f"included): {s['outputs_identical']}; 'continuous int8' = int8 weights, route {s['continuous int8']['route']}, "
         f"{s['continuous int8']['tok_s'] / co:.2f}x continuous fp32")
-    say("  (static padded: a finished request's row is computed until its batch ends, as in a batched "
-        "generate; static: it leaves the batch at once)")
+    say("  (static: a finished request's row is computed until its batch ends, as in a batched generate; "
+        "static, early exit: it leaves the batch at once)")
     if s.get("sweep"):
         rows = sweep_rows(s)
         seq = s["sequential"]["tok_s"]
-        say(f"  batch slots: {'slots':>5s} {'padded tok/s':>12s} {'static':>8s} {'continuous':>10s} "
-            f"{'cont/padded':>11s} {'cont/static':>11s} {'cont/seq':>8s} {'static steps':>12s} {'cont steps':>10s}")
+        say(f"  batch slots: {'slots':>5s} {'static tok/s':>12s} {'early exit':>10s} {'continuous':>10s} "
+            f"{'cont/static':>11s} {'cont/early':>10s} {'cont/seq':>8s} {'static steps':>12s} {'cont steps':>10s}")
         for slots in sorted(rows):
-            pa, st, co = (rows[slots][k] for k in BATCHED)
-            say(f"  {'':12s} {slots:5d} {pa['tok_s']:12.1f} {st['tok_s']:8.1f} {co['tok_s']:10.1f} "
-                f"{co['tok_s'] / pa['tok_s']:10.2f}x {co['tok_s'] / st['tok_s']:10.2f}x "
+            st, ee, co = (rows[slots][k] for k in BATCHED)
+            say(f"  {'':12s} {slots:5d} {st['tok_s']:12.1f} {ee['tok_s']:10.1f} {co['tok_s']:10.1f} "
+                f"{co['tok_s'] / st['tok_s']:10.2f}x {co['tok_s'] / ee['tok_s']:9.2f}x "
                 f"{co['tok_s'] / seq:7.2f}x {st['steps']:12d} {co['steps']:10d}")
     one, full = step_ms_at(s["sequential"], 1), step_ms_at(s["continuous"], s["max_batch"])
     if one and full:
@@ -490,7 +493,7 @@ def print_serving(r: dict) -> None:
             a, b, ratio = step_cost_model(one["median"], full["median"], s["max_batch"], rows, n_static, n_cont)
             say(f"  a step costs about a + b x rows, a = {a:.3f} ms, b = {b:.3f} ms (from those medians); counting "
                 f"each of the {rows:,} output tokens as a row, static's {n_static} steps against continuous's "
-                f"{n_cont} predict continuous / static = {ratio:.2f}x")
+                f"{n_cont} predict continuous / static, early exit = {ratio:.2f}x")
         if "linear_weights" in r:  # each weight is a multiply-add (2 FLOP) per row
             gflop = 2 * s["max_batch"] * r["linear_weights"] / 1e9
             say(f"  the {s['max_batch']}-row step's matmuls: {gflop:.2f} GFLOP ({s['max_batch']} rows x 2 x "
@@ -538,7 +541,7 @@ def draw_chart(results: dict, path: Path) -> None:
             ax = axes[row][len(panels)]
             rows = sweep_rows(s)
             slots = sorted(rows)
-            for policy, color in (("static padded", "#8c8"), ("static", "#2a7"), ("continuous", "#47c")):
+            for policy, color in zip(BATCHED, ("#8c8", "#2a7", "#47c"), strict=True):
                 ax.plot(slots, [rows[n][policy]["tok_s"] for n in slots], "o-", color=color, label=policy)
             ax.axhline(s["sequential"]["tok_s"], color="#999", ls="--", label="sequential")
             ax.set_xscale("log", base=2)

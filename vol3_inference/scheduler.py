@@ -19,11 +19,12 @@ al. 2023, section 4.5) decides who runs at *every step*:
        the very next step.
 
 `policy="static"` runs the same machinery as static batching (admit only when the batch is empty),
-and `max_batch=1` as one request at a time, so the benchmark compares them on one code path. Static
-batching comes in two kinds. `"static-padded"` is what a batched `model.generate` does (and the
-request-level scheduling Orca compares against, section 2.2): the batch is one tensor, so a request
-that has finished keeps its row, computed and thrown away, until the last one ends. `"static"` is
-its best case: a finished request's row leaves the batch at once (its slot still stays empty).
+and `max_batch=1` as one request at a time, so the benchmark compares them on one code path.
+`"static"` is static batching as the field uses the term: what a batched `model.generate` does, and
+the request-level scheduling Orca compares against (section 2.2). The batch is one tensor, so a
+request that has finished keeps its row, computed and thrown away, until the last one ends.
+`"static-early-exit"` is its best case, a baseline of our own: a finished request's row leaves the
+batch at once (its slot still stays empty until the whole batch is done).
 
 `LLM` is the user-facing API in the spirit of vLLM's: `LLM.generate(prompts, params)` returns one
 `RequestOutput` per prompt, `LLM.stream(prompt, params)` yields text as it is produced. A bad request
@@ -44,7 +45,7 @@ import torch
 from vol3_inference.engine import Chunk, Engine, ModelWeights
 from vol3_inference.sampling import SamplingParams, find_stop, greedy_tokens, make_generator, sample_token
 
-POLICIES = ("continuous", "static", "static-padded")
+POLICIES = ("continuous", "static", "static-early-exit")
 
 
 class RequestError(ValueError):
@@ -118,8 +119,8 @@ class Scheduler:
         max_batch: most requests running at once (batch slots).
         max_step_tokens: token budget per step: decode tokens count against it first (every running
             request always gets its decode token), prefill chunks get what is left.
-        policy: "continuous", "static" (finished rows leave the batch) or "static-padded" (they stay,
-            computed as padding, until the whole batch has finished).
+        policy: "continuous", "static" (finished rows stay, computed as padding, until the whole
+            batch has finished) or "static-early-exit" (they leave the batch at once).
         trace: keep `self.trace`, a list of steps [(time, [(request id, n tokens, "prefill"|"decode")])].
     """
 
@@ -187,7 +188,7 @@ class Scheduler:
         mgr = self.engine.cache.manager
         while True:
             # 1. one decode token for each request whose prompt (and output so far) is all cached;
-            # under "static-padded", finished requests still in the batch are padding rows
+            # under "static", finished requests still in the batch are padding rows
             padding = [r for r in self.running if r.finished]
             decoding = [r for r in self.running if not r.finished and r.n_cached == r.n_tokens - 1]
             need = sum(mgr.blocks_needed(r.id, 1) for r in decoding)
@@ -239,7 +240,7 @@ class Scheduler:
 
     def _release_finished(self) -> None:
         """Free the blocks of every finished request still in the batch and drop it: at the end of a
-        step, or, under "static-padded", its padding rows early (they change no output)."""
+        step, or, under "static", its padding rows early (they change no output)."""
         for r in self.running:
             if r.finished:
                 self.engine.release(r.id)
@@ -291,7 +292,7 @@ class Scheduler:
                 r.token_times.append(now)
                 self._check_stop(r, tok)
                 events[r.id] = r
-        if self.policy != "static-padded" or all(r.finished for r in self.running):
+        if self.policy != "static" or all(r.finished for r in self.running):
             self._release_finished()  # finished requests free their blocks at once
         return [self._output(r) for r in events.values() if r.finished or not final_only]
 
