@@ -114,7 +114,7 @@ class BlockManager:
     def truncate(self, seq: Hashable, n_tokens: int) -> int:
         """Forget the last `n_tokens` tokens of `seq` (their slots may be written again); blocks left
         empty go back to the free list. Returns how many. (What speculative decoding's rollback does;
-        here, padded static batching rewrites a finished row's last position.)
+        here, static batching (policy "static") rewrites a finished row's last position.)
         Raises ValueError if n_tokens < 0 or more than `seq` holds."""
         have = self.lengths.get(seq, 0)
         if not 0 <= n_tokens <= have:
