@@ -372,13 +372,13 @@ def sweep_rows(serving: dict) -> dict[int, dict]:
 def step_cost_model(one_ms: float, full_ms: float, max_batch: int, rows: int, n_static: int,
                     n_cont: int) -> tuple[float, float, float]:
     """A step's cost as a + b x rows, through a 1-row step (one_ms) and a max_batch-row one (full_ms):
-    returns (a, b, the continuous / early-exit static throughput it predicts; early exit: the
-    `static-early-exit` policy, whose finished rows leave at once, and whose `n_static` steps are those
-    of plain static batching). Both policies compute the same `rows`; they differ only in their step
-    counts, so a step saved is worth a, and the predicted ratio is (n_static a + rows b) / (n_cont a +
-    rows b). The bench passes the output tokens as `rows` and
-    leaves out the prompt tokens (the same in both): more rows would pull the ratio towards 1, so the
-    prediction is, if anything, generous to continuous batching. Raises ValueError if max_batch < 2."""
+    returns (a, b, the continuous / early-exit static throughput it predicts). `n_static` is the step
+    count of static batching, the same for both static policies. Early-exit static and continuous
+    batching compute the same `rows`; they differ only in their step counts, so a step saved is worth
+    a, and the predicted ratio is (n_static a + rows b) / (n_cont a + rows b). The bench passes the
+    output tokens as `rows` and leaves out the prompt tokens (the same in both): more rows would pull
+    the ratio towards 1, so the prediction is, if anything, generous to continuous batching. Raises
+    ValueError if max_batch < 2."""
     if max_batch < 2:
         raise ValueError(f"the cost model needs steps of two different row counts; max_batch is {max_batch}")
     b = (full_ms - one_ms) / (max_batch - 1)

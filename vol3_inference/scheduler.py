@@ -18,11 +18,11 @@ al. 2023, section 4.5) decides who runs at *every step*:
        stop condition leaves at once and frees its blocks, so a waiting one can take its place in
        the very next step.
 
-`policy="static"` runs the same machinery as static batching (admit only when the batch is empty),
-and `max_batch=1` as one request at a time, so the benchmark compares them on one code path.
-`"static"` is static batching as the field uses the term: what a batched `model.generate` does, and
-the request-level scheduling Orca compares against (section 2.2). The batch is one tensor, so a
-request that has finished keeps its row, computed and thrown away, until the last one ends.
+The same machinery runs static batching (admit only when the batch is empty) and, with
+`max_batch=1`, one request at a time, so the benchmark compares them on one code path.
+`policy="static"` is static batching as the field uses the term: what a batched `model.generate`
+does, and the request-level scheduling Orca compares against (section 2.2). The batch is one tensor,
+so a request that has finished keeps its row, computed and thrown away, until the last one ends.
 `"static-early-exit"` is its best case, a baseline of our own: a finished request's row leaves the
 batch at once (its slot still stays empty until the whole batch is done).
 
