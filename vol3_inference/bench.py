@@ -15,23 +15,23 @@ Three tables, for the model trained by `make vol2-train` (trained on Shakespeare
    p50/p95.
 
 Timings interleave the compared variants round by round in one process and report medians, so
-load from other processes hits all of them alike; ratios are the figures to read. Writes
-`runs/bench/vol3.json`, `runs/bench/vol3.png` (the tables as bars) and `runs/bench/vol3_timeline.png`
-(static, early-exit static and continuous batching, drawn from real scheduler traces).
+load from other processes hits all of them alike; ratios are the figures to read. The header names
+the CPU and its SIMD extensions (`shared.results.machine`), which move these figures a lot. Writes
+`runs/bench/vol3.json` (rewritten atomically after every section, so a crash loses only the section it
+was in; "complete" is false until the end), `runs/bench/vol3.png` (the tables as bars) and
+`runs/bench/vol3_timeline.png` (static, early-exit static and continuous batching, drawn from real
+scheduler traces).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from shared.cli import ArgumentParser, fail
 from shared.config import get_preset
+from shared.results import describe_machine, machine, save_figure, write_json
 from shared.threads import choose_threads
 from vol2_torch.device import pick_device
 from vol2_torch.model import Transformer
@@ -553,7 +554,7 @@ def draw_chart(results: dict, path: Path) -> None:
         for ax in axes[row][len(panels) + bool(s.get("sweep")):]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -582,7 +583,7 @@ def draw_timeline(serving: dict, path: Path, title: str) -> None:
     axes[-1].set_xlabel("seconds since all requests arrived (orange: prefill, blue: decode, grey: padding)")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -591,7 +592,8 @@ def draw_timeline(serving: dict, path: Path, title: str) -> None:
 
 def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, val, args, out_dir,
                 n_new: int, n_requests: int, max_batch: int, max_output: int, agree_prompts: int,
-                sweep: Sequence[int], serving_rounds: int) -> dict:
+                sweep: Sequence[int], serving_rounds: int, *, save: Callable[[str, dict], None]) -> dict:
+    """Every section asked for in `args.sections`, on one model; `save(name, res)` after each one."""
     rng = np.random.default_rng(1)
     prompt = prompt_source(rng, 16)
     weights, model = weights.to(args.device), model.to(args.device)
@@ -608,16 +610,32 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
         say(f"[{name}] decode at batch 1 ...")
         res["decode"] = bench_decode(model, weights, hf, prompt, n_new, args.rounds)
         del hf
+        save(name, res)
     prompts = [prompt_source(rng, 32) for _ in range(agree_prompts)]
     if "int8" in args.sections:
         say(f"[{name}] int8 ...")
         res["int8"] = bench_int8(weights, weights.quantize(), prompts, n_new, args.rounds, val, tokenizer,
                                  args.val_tokens, min(256, weights.config.max_seq_len))
+        save(name, res)
     if "serving" in args.sections:
         say(f"[{name}] serving {n_requests} requests ...")
         work = make_workload(n_requests, weights.config.max_seq_len, prompt_source, max_output=max_output)
         res["serving"] = bench_serving(weights, work, max_batch, max_output, sweep, serving_rounds)
+        save(name, res)
     return res
+
+
+def without_traces(results: dict) -> dict:
+    """`results` without the serving runs' scheduler traces (they are for the timeline, not the JSON);
+    `results` itself is left as it is."""
+    models = {}
+    for name, r in results["models"].items():
+        if "serving" in r:
+            s = r["serving"]
+            r = {**r, "serving": {**s, **{k: {f: v for f, v in s[k].items() if f != "trace"}
+                                          for k in ("sequential", *BATCHED) if k in s}}}
+        models[name] = r
+    return {**results, "models": models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -690,10 +708,18 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     args.bandwidth = memory_bandwidth_gbs(device=args.device)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                           "device": args.device, "gpu": gpu, "threads": args.threads, "torch": torch.__version__, "malloc_tuned": malloc_tuned,
+    results = {"machine": {**machine(), "device": args.device, "gpu": gpu, "threads": args.threads,
+                           "torch": torch.__version__, "malloc_tuned": malloc_tuned,
                            "read_bandwidth_gbs": args.bandwidth},
-               "models": {}}
+               "complete": False, "models": {}}
+    json_path = out_dir / "vol3.json"
+
+    def save(name: str, res: dict) -> None:
+        results["models"][name] = res
+        results["wall_s"] = time.perf_counter() - t_start
+        write_json(json_path, without_traces(results))
+
+    say(f"machine: {describe_machine(results['machine'])}")
     say(f"torch {torch.__version__}, device {gpu or args.device}, {args.threads} thread(s), "
         f"read bandwidth {args.bandwidth:.1f} GB/s, "
         f"int8 route {INT8_ROUTE}, glibc malloc thresholds raised: {malloc_tuned}")
@@ -713,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"trained ({Path(args.ckpt)})"
         res = bench_model(name, model, ModelWeights.from_model(model), tok_dict, tokenizer, val_prompt,
                           val, args, out_dir, args.new_tokens, args.requests, args.max_batch, 256,
-                          args.agree_prompts, args.sweep, args.serving_rounds)
+                          args.agree_prompts, args.sweep, args.serving_rounds, save=save)
         results["models"][name] = res
         print_tables(name, res)
         if "serving" in res:
@@ -730,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         name = "seed512 (random weights)"
         res = bench_model(name, model, ModelWeights.from_model(model), None, None, rand_prompt, None, args,
                           out_dir, args.seed512_new_tokens, args.seed512_requests, args.seed512_max_batch,
-                          args.seed512_max_output, 2, args.seed512_sweep, args.seed512_serving_rounds)
+                          args.seed512_max_output, 2, args.seed512_sweep, args.seed512_serving_rounds,
+                          save=save)
         results["models"][name] = res
         print_tables(name, res)
         if len(results["models"]) == 1 and "serving" in res:  # the timeline shows the trained model if any
@@ -738,13 +765,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"{name}: {args.seed512_requests} requests, {args.seed512_max_batch} batch slots")
     if not results["models"]:
         return fail("no model was benchmarked (the trained checkpoint is missing and --models has only 'trained')")
-    for r in results["models"].values():  # traces are for the picture, not the JSON
-        for k in ("sequential", *BATCHED):
-            r.get("serving", {}).get(k, {}).pop("trace", None)
     results["wall_s"] = time.perf_counter() - t_start
-    (out_dir / "vol3.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["complete"] = True
+    write_json(json_path, without_traces(results))
     draw_chart(results, out_dir / "vol3.png")
-    wrote = [out_dir / "vol3.json", out_dir / "vol3.png"]
+    wrote = [json_path, out_dir / "vol3.png"]
     if any("serving" in r for r in results["models"].values()):
         wrote.append(out_dir / "vol3_timeline.png")
     say(f"\nwrote {', '.join(map(str, wrote))} in {results['wall_s']:.0f} s")
