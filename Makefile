@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
+# --max-worker-restart 0: a worker that dies (a segfault in native code) fails the run at once, with
+# the test it was running named, instead of xdist replacing it (which once hung the suite for good).
 test: setup  ## run the whole test suite (CPU, no network)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0
 
 test-fast: setup  ## the suite without tests marked slow
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow" --max-worker-restart 0
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .

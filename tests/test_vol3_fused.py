@@ -131,7 +131,7 @@ def test_fused_int8_agrees_with_the_op_by_op_w8a16_route():
             for n in ra:
                 torch.testing.assert_close(ra[n], rb[n], atol=2e-3, rtol=1e-3)
         assert spy.calls == 4
-        with int8_route("w8a8_dynamic"):  # another route: the fused step (w8a16 inside) must not run
+        with int8_route("dequant"):  # another route: the fused step (w8a16 inside) must not run
             fused.forward([Chunk(0, [3], len(seqs[0]) + 3)])
         assert spy.calls == 4
 

@@ -201,14 +201,10 @@ def validation_bpb(weights: ModelWeights, val: np.ndarray, tokenizer, n_tokens: 
     return nll / math.log(2) / n_bytes
 
 
-INT8_COMPARED = ("w8a16", "int8pack_bf16", "w8a8_dynamic")  # ours, ATen's weight-only, fbgemm's int8 x int8
-
-
 def int8_routes(device: torch.device) -> tuple[str, ...]:
-    """The int8 routes compared on `device`: on the CPU our w8a16 kernel, ATen's weight-only kernel and
-    fbgemm's int8 x int8; those are CPU code (w8a16 would fall back), so elsewhere ATen's weight-only
-    kernel vs the dequantize reference."""
-    return INT8_COMPARED if device.type == "cpu" else ("int8pack_bf16", "dequant")
+    """The int8 routes compared on `device`: our w8a16 kernel on the CPU; elsewhere (w8a16 is CPU code
+    and would fall back) the dequantize reference."""
+    return ("w8a16",) if device.type == "cpu" else ("dequant",)
 
 
 def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: int,
@@ -223,7 +219,7 @@ def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: 
     ref = [fp.generate(p, greedy) for p in prompts]
     prefixes = {}
     routes = int8_routes(qweights.device)
-    for r in routes:  # also the warm-up: w8a8 packs its weights on first use
+    for r in routes:  # also the warm-up
         with int8_route(r):
             prefixes[r] = [_common_prefix(a, q8.generate(p, greedy)) for a, p in zip(ref, prompts, strict=True)]
     fns = {"fp32": lambda: fp.generate(prompts[0], greedy)}
@@ -341,8 +337,8 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
     for key in ("sequential", *BATCHED):
         runs[key] = {**min((t[key] for t in tries), key=lambda r: r["wall_s"]),
                      "walls": [t[key]["wall_s"] for t in tries]}
-    # The same scheduler on int8 weights, on the default route, the one the fused step runs (chapter 3
-    # §7 compares it with fbgemm's w8a8_dynamic); its tokens may differ from fp32's, so not in `same`.
+    # The same scheduler on int8 weights, on the default route, the one the fused step runs; its
+    # tokens may differ from fp32's, so not in `same`.
     route = INT8_ROUTE
     with int8_route(route):
         runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,

@@ -12,26 +12,26 @@ can check that bound. Storage per weight drops from 4 bytes (fp32) to 1 byte plu
 (in + 4) / (4 in) of the fp32 bytes, 0.2520x for in = 288 or 512.
 
 Using the weights. y = x W^T = (x q^T) * s, because the scale is per output column of y: the matmul
-runs on int8 weights and the scale multiplies its output. How that matmul is computed is a
-measurement question on each CPU, answered in `INT8_ROUTES` and `python -m vol3_inference.quant`:
+runs on int8 weights and the scale multiplies its output. Two routes compute it (`INT8_ROUTES`;
+`python -m vol3_inference.quant` times them against fp32 on this CPU):
 
-    "dequant"   reference: W' = q * s in float, then F.linear. Plain and obviously right; it
+    "dequant"   the reference: W' = q * s in float, then F.linear. Plain and obviously right; it
                 re-materializes the float matrix on every call, so it is never the fast route.
-    "int8pack"  torch._weight_int8pack_mm(x, q, s): an ATen kernel that reads int8 weights and
-                converts them in registers; activations in the model dtype.
-    "int8pack_bf16"  the same kernel fed bf16 activations: on this AVX2 CPU its fast path (the fp32
-                path is 5-20x slower than fp32 F.linear). Activations and outputs are rounded to bf16
-                (8 significant bits), an error comparable to the weights' own.
-    "w8a8_dynamic"  not weight-only: fbgemm's int8 x int8 GEMM, activations quantized per tensor on
-                the fly. Fastest, especially at batch > 1, but the activation rounding is coarser.
     "w8a16"     this project's AVX2 kernel (`kernels/w8a16_avx2.c`, built by `cpu_kernels.py`): each
-                activation row rounded to int16 with its own scale (1/65534 of its largest value,
-                where bf16 keeps 8 bits), int8 x int16 products summed exactly in int32. At batch 1 it
-                streams the int8 weights at memory speed. Where it cannot run (not an x86 CPU with
-                AVX2, no C compiler, K % 16 != 0, activations not float32 on the CPU), it takes the
-                "int8pack_bf16" route instead.
+                activation row rounded to int16 with its own scale (1/65534 of its largest value),
+                int8 x int16 products summed exactly in int32. At batch 1 it streams the int8 weights
+                at memory speed. Where it cannot run (not an x86 CPU with AVX2, no C compiler,
+                K % 16 != 0, activations not float32 on the CPU) it takes the "dequant" route.
 
-`int8_linear` uses the module-level `INT8_ROUTE`, chosen by measurement (see the chapter).
+Only public, documented torch APIs are used. PyTorch's private int8 kernel
+(`torch._weight_int8pack_mm`) was a route here until it was measured to read out of bounds with
+bf16 activations when in_features % 16 == 8 on an AVX-512 Intel Xeon (garbage at one row, a
+segfault at seven): a private op's behaviour can change with the CPU, and a crash in a kernel takes
+the whole server down, so it is gone, and so is fbgemm's int8 x int8 route that was built on
+private quantized-tensor constructors. `tests/test_vol3_quant.py` sweeps every route over widths
+8..264 and rows 1..9 in a child process, so a crash there is a failing test with a name.
+
+`int8_linear` uses the module-level `INT8_ROUTE` ("w8a16"), or the route it is given.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ import contextlib
 import statistics
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from shared.results import describe_machine
 from vol3_inference import cpu_kernels
 
 
@@ -56,7 +56,6 @@ class Int8Weight:
 
     q: torch.Tensor
     scale: torch.Tensor
-    _fbgemm: object = field(default=None, repr=False, compare=False)  # packed copy for "w8a8_dynamic"
 
     @property
     def shape(self) -> torch.Size:
@@ -91,52 +90,19 @@ def _dequant(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     return F.linear(x, w.dequantize(x.dtype))
 
 
-def _int8pack(x: torch.Tensor, w: Int8Weight, act_dtype: torch.dtype | None = None) -> torch.Tensor:
-    act_dtype = act_dtype or x.dtype
-    # The kernel takes fp32/bf16/fp16 activations; with bf16 it segfaults (torch 2.13, AVX2) unless
-    # in_features is a multiple of 8, so other shapes take the reference route.
-    if act_dtype not in (torch.float32, torch.bfloat16, torch.float16) or w.q.shape[1] % 8:
-        return _dequant(x, w)
-    shape = x.shape
-    y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(act_dtype), w.q, w.scale.to(act_dtype))
-    return y.view(*shape[:-1], -1).to(x.dtype)
-
-
-def _int8pack_bf16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
-    return _int8pack(x, w, torch.bfloat16)
-
-
 def _w8a16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu" or w.q.shape[1] % 16:
-        return _int8pack_bf16(x, w)
+        return _dequant(x, w)
     why = cpu_kernels.unavailable("w8a16_avx2")
     if why is not None:
-        cpu_kernels.warn_once(f"int8 route 'w8a16' unavailable ({why}); using 'int8pack_bf16'")
-        return _int8pack_bf16(x, w)
+        cpu_kernels.warn_once(f"int8 route 'w8a16' unavailable ({why}); using 'dequant'")
+        return _dequant(x, w)
     shape = x.shape
     return cpu_kernels.w8a16_linear(x.reshape(-1, shape[-1]), w.q, w.scale).view(*shape[:-1], -1)
 
 
-def _w8a8_dynamic(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
-    # fbgemm's int8 x int8 GEMM: activations are quantized on the fly, per tensor, to 7 bits
-    # ("reduce_range", which avoids int16 overflow in AVX2's vpmaddubsw), the int32 result rescaled.
-    if x.dtype != torch.float32 or x.device.type != "cpu":  # fbgemm: float32 on the CPU only
-        return _dequant(x, w)
-    packed = w._fbgemm
-    if packed is None:
-        with warnings.catch_warnings():  # quantized tensor types are deprecated, the op is not
-            warnings.simplefilter("ignore")
-            qt = torch._make_per_channel_quantized_tensor(
-                w.q, w.scale.double(), torch.zeros_like(w.scale, dtype=torch.long), 0)
-            packed = w._fbgemm = torch.ops.quantized.linear_prepack(qt, None)
-    shape = x.shape
-    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), packed, True)
-    return y.view(*shape[:-1], -1)
-
-
-INT8_ROUTES = {"dequant": _dequant, "int8pack": _int8pack, "int8pack_bf16": _int8pack_bf16,
-               "w8a8_dynamic": _w8a8_dynamic, "w8a16": _w8a16}
-INT8_ROUTE = "w8a16"  # chosen by measurement on this machine (see README, "int8 weights")
+INT8_ROUTES = {"dequant": _dequant, "w8a16": _w8a16}
+INT8_ROUTE = "w8a16"  # the fast route where it runs; it falls back to "dequant" by itself
 
 
 @contextlib.contextmanager
@@ -199,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --shapes must look like 1024x512,... and --batch like 1,16", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per call (median), "
-          f"speed-up vs fp32 in brackets; err = max |y - y_dequant| (the route's own error)")
+    print(f"{describe_machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("ms per call (median), speed-up vs fp32 in brackets; err = max |y - y_dequant| (the route's own error)")
     for (n_out, n_in) in shapes:
         w = torch.randn(n_out, n_in) * 0.02
         qw, _ = quantize_int8(w)
