@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 
+from shared.results import describe_machine, machine
+
 pytest.importorskip("transformers", reason="the bench compares against transformers: pip install -e '.[test]'")
 from vol2_torch import bench  # noqa: E402
 
@@ -28,6 +30,7 @@ def test_bench_tiny_fp32_writes_both_models(tmp_path, capsys):
                      "--steps", "2", "--warmup", "0", "--threads", "1", "--no-progress", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
+    assert res["complete"] is True and res["machine"] == machine()
     assert res["logit_max_abs_diff_fp32"] < 1e-4  # HF really holds our weights
     (row,) = res["rows"]
     assert row["matmul_peak_flops"] >= res["matmul_peak_flops_at_start"]["fp32"] > 0  # best rate seen
@@ -39,6 +42,31 @@ def test_bench_tiny_fp32_writes_both_models(tmp_path, capsys):
     assert row["ratio_ours_over_hf"] == pytest.approx(row["models"]["ours"]["tok_s"] / row["models"]["hf"]["tok_s"])
     printed = capsys.readouterr().out
     assert "HF Llama" in printed and "ours" in printed and str(out) in printed
+    assert f"machine: {describe_machine()}" in printed
+
+
+def test_bench_writes_each_dtype_as_it_finishes(tmp_path, monkeypatch):
+    """A crash in the second dtype leaves the first one's row in the JSON, marked incomplete."""
+    out = tmp_path / "bench.json"
+    calls = []
+
+    def fake_dtype(name, *a, **k):
+        calls.append(name)
+        if len(calls) == 2:
+            assert json.loads(out.read_text())["rows"] == [{"dtype": "fp32 first"}]
+            raise RuntimeError("killed mid-dtype")
+        return {"dtype": "fp32 first"}
+
+    monkeypatch.setattr(bench, "matmul_peak", lambda probes: {k: 1e9 for k in probes})
+    monkeypatch.setattr(bench, "bench_dtype", fake_dtype)
+    with pytest.raises(RuntimeError, match="killed"):
+        bench.main(["--preset", "tiny", "--seq-len", "16", "--dtype", "fp32,fp32", "--threads", "1",
+                    "--json", str(out)])
+    assert calls == ["fp32", "fp32"]
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and res["rows"] == [{"dtype": "fp32 first"}]
+    assert res["machine"] == machine()
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temp file left
 
 
 @pytest.mark.parametrize("argv", [["--dtype", "fp16"], ["--seq-len", "999"], ["--preset", "nope"],

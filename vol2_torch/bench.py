@@ -17,20 +17,21 @@ Reading the numbers:
   use, the best of the three operand layouts a training step uses, re-timed once per round so that the
   best rate seen in the run is used (`matmul_probes`).
 * bf16 only pays where the hardware multiplies bf16 natively. On a CPU without it (AVX2 only, no
-  AVX512-BF16 / AMX) torch's bf16 matmul is a fallback kernel 5-100x slower than fp32, and its speed
-  swings with shape and layout: the two peaks are printed side by side so the reader sees why, and the
-  bf16 rows then use a smaller batch (`--bf16-batch-size`, default 1 there) to keep the run short. Both
-  models are then bound by that kernel, so their ratio says little about the models.
+  AVX512-BF16 / AMX) torch's bf16 matmul is a fallback kernel (5-100x slower than fp32 on a 2-core AMD
+  EPYC with AVX2 only) whose speed swings with shape and layout: the two peaks are printed side by side
+  so the reader sees why, and the bf16 rows then use a smaller batch (`--bf16-batch-size`, default 1
+  there) to keep the run short. Both models are then bound by that kernel, so their ratio says little
+  about the models. The header names the CPU and its SIMD extensions (`shared.results.machine`).
 * `--compile` also times `torch.compile(ours)`: cold compile seconds (fresh inductor cache, as on a
   new machine), steady-state tok/s, and how long a training run must be for the compile to pay for
   itself.
 
-Writes every raw step time to `--json` (default runs/bench/vol2_bench.json).
+Writes every raw step time to `--json` (default runs/bench/vol2_bench.json), rewritten atomically after
+each dtype, so a crash loses only the dtype it was in ("complete" is false until the end).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 from shared.cli import ArgumentParser, fail
 from shared.config import ModelConfig, get_preset
+from shared.results import describe_machine, machine, write_json
 from vol2_torch.device import DTYPES, pick_device
 from vol2_torch.hf import hf_config_dict, to_hf_state
 from vol2_torch.model import Transformer
@@ -139,8 +141,8 @@ def matmul_probes(dtype: torch.dtype, device: torch.device, n: int = 1024) -> di
 
     `F.linear`'s forward multiplies by a transposed weight (NT), its input gradient by the weight itself
     (NN), its weight gradient by a transposed activation (TN). MKL's fp32 GEMM runs the three alike; the
-    fallback bf16 kernel of a CPU without native bf16 does not (measured on an AVX2 machine: NN 1.3, NT
-    10, TN 19 GFLOP/s on one core).
+    fallback bf16 kernel of a CPU without native bf16 does not (measured on an AMD EPYC with AVX2 only:
+    NN 1.3, NT 10, TN 19 GFLOP/s on one core).
     """
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"model: preset {args.preset}: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads "
         f"({config.n_kv_heads} KV), FFN {config.hidden_dim}, vocab {config.vocab_size}, tied "
         f"{config.tie_embeddings}; T {T}")
+    say(f"machine: {describe_machine()}")
     say(f"device: {device.type} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
         + (f", load average {load0:.1f}" if load0 is not None else ""))
 
@@ -326,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(6N + 12 L D T) {ours.flops_per_token(T) / 1e6:.1f} M")
 
     rows = []
+    result = {"preset": args.preset, "config": config.to_dict(), "seq_len": T,
+              "flops_per_token": ours.flops_per_token(T), "matmul_peak_flops_at_start": peaks,
+              "matmul_flops_by_layout_at_start": layouts,
+              "logit_max_abs_diff_fp32": diff, "device": device.type, "cpu_capability": cpu,
+              "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
+              "load_average": [load0, None], "complete": False, "rows": rows}
+    out = Path(args.json)
     try:
         for name in dtypes:
             B = args.batch_size
@@ -336,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(--bf16-batch-size to change)")
             rows.append(bench_dtype(name, DTYPES[name], ours, hf, config, B, T, args, device, peaks[name],
                                     probes[name]))
+            write_json(out, result)
     finally:
         if cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -349,16 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"note: load average {load1:.1f} on {os.cpu_count()} CPUs: other processes compete, so absolute "
             f"tok/s are low and noisy; the interleaved ratios are the figures to read")
 
-    result = {"preset": args.preset, "config": config.to_dict(), "seq_len": T,
-              "flops_per_token": ours.flops_per_token(T), "matmul_peak_flops_at_start": peaks,
-              "matmul_flops_by_layout_at_start": layouts,
-              "logit_max_abs_diff_fp32": diff, "device": device.type, "cpu_capability": cpu,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "python": platform.python_version(),
-              "load_average": [load0, load1], "rows": rows}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["load_average"][1], result["complete"] = load1, True
+    write_json(out, result)
     say(f"wrote {out}")
     return 0
 
