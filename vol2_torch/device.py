@@ -1,9 +1,9 @@
 """Choosing the device and the compute dtype, and measuring the matmul peak that MFU divides by.
 
 bf16 autocast is only a win where the hardware multiplies bf16 natively (recent GPUs; CPUs with
-AVX512-BF16 or AMX). On a CPU without it, PyTorch emulates bf16 matmuls and they run 10-100x slower
-than fp32 (measured on this project's AVX2-only 2-core machines: ~140 GFLOP/s fp32, ~2-17 GFLOP/s
-bf16). So `--dtype auto` measures both on the machine at hand and keeps the faster one.
+AVX512-BF16 or AMX). On a CPU without it, PyTorch emulates bf16 matmuls, which can be far slower than
+fp32: 10-100x on a 2-core AMD EPYC with AVX2 only (~140 GFLOP/s fp32, ~2-17 GFLOP/s bf16). So
+`--dtype auto` measures both on the machine at hand and keeps the faster one.
 """
 
 from __future__ import annotations
