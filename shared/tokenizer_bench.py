@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
+from shared.results import describe_machine
 from shared.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS, Tokenizer
 
 
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     val = [d.text for d in corpus.val]
     everything = train + val
     total_mb = (corpus.train_bytes + corpus.val_bytes) / 1e6
+    print(f"machine: {describe_machine()}")
     print(corpus.summary())
     print(f"vocab_size: {args.vocab_size} (256 bytes + {args.vocab_size - 258} merges + 2 specials)\n")
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.config import ModelConfig
+from shared.results import describe_machine
 from vol1_numpy import attention as attention_mod
 from vol1_numpy import op_checks as oc
 from vol1_numpy.attention import attention_forward
@@ -175,6 +176,7 @@ def test_gradcheck_command_exits_nonzero_on_a_broken_backward(monkeypatch, capsy
     assert gradcheck.main([]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "attention, causal GQA 6/2" in out
+    assert f"machine: {describe_machine()}" in out
 
 
 # --- the harness itself ------------------------------------------------------------------------------

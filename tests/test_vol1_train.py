@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from shared.config import ModelConfig
+from shared.results import describe_machine
+from vol1_numpy import bench as v1bench
 from vol1_numpy import train as v1train
 from vol1_numpy.model import forward_loss, init_params
 from vol1_numpy.threads import blas_threads, set_threads
@@ -75,6 +77,43 @@ def test_short_run_trains_numpy_and_vol2_in_lockstep(tmp_path, capsys):
     assert steps[-1]["numpy_loss"] < steps[0]["numpy_loss"]  # it learns
     assert evals[-1]["numpy_val_bpb"] == pytest.approx(evals[-1]["torch_val_bpb"], rel=1e-4)
     assert (out / "loss.png").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "metrics.jsonl"]  # no partial, no temp
+
+
+def test_a_crashed_run_keeps_the_previous_log_and_its_own_lines(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 99, "previous": true}\n')
+    real, calls = v1train.loss_and_grads, []
+
+    def dies_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-run")
+        return real(*a, **k)
+
+    monkeypatch.setattr(v1train, "loss_and_grads", dies_at_step_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        v1train.main(["--data", EXCERPT, "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                      "--dim", "16", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
+                      "--vocab-size", "300", "--seq-len", "16", "--batch-size", "2", "--steps", "4",
+                      "--evals", "1", "--no-torch", "--no-progress"])
+    assert (out / "metrics.jsonl").read_text() == '{"step": 99, "previous": true}\n'
+    lines = [json.loads(line) for line in (out / "metrics.jsonl.partial").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1]  # the step-0 evaluation, then the one step that finished
+    assert not (out / "loss.png").exists()
+
+
+def test_bench_names_the_machine_first(capsys):
+    before_np, before_t = blas_threads(), torch.get_num_threads()
+    try:
+        assert v1bench.main(["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
+                             "--threads", "1"]) == 0
+    finally:
+        set_threads(before_np or 1)
+        torch.set_num_threads(before_t)
+    out = capsys.readouterr().out
+    assert out.startswith(f"machine: {describe_machine()}\n") and "| 1 |" in out
 
 
 def test_bad_flags_are_one_line_errors(capsys):

@@ -7,6 +7,7 @@ import os
 import torch
 
 from shared.config import get_preset
+from shared.results import describe_machine
 from vol2_torch.model import Transformer
 from vol3_inference import probes
 from vol3_inference.engine import Chunk, Engine, ModelWeights
@@ -47,6 +48,7 @@ def test_layout_probe_prints_and_cli_rejects_bad_flags(capsys):
     assert probes.main(["layout", "--presets", "tiny", "--rows", "1,2", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "tiny: 9 matrices" in out and "engine decode step, batch 1" in out
+    assert out.startswith(f"machine: {describe_machine()}\n")
     assert probes.main(["layout", "--presets", "nope", "--rounds", "1"]) == 2
     assert probes.main(["layout", "--rows", "0", "--rounds", "1"]) == 2
     assert "error" in capsys.readouterr().err

@@ -5,8 +5,8 @@ backward pass to every parameter gradient (no optimizer: AdamW is a few elementw
 weights in either). Both run float32 on the CPU with the same number of threads, measured at each
 count in `--threads`; the two implementations alternate repeat by repeat, so that a change in the
 machine's load hits both, and the median of `--repeats` timed steps (after one warm-up step each) is
-reported with the ratio. The load average is printed too: on a shared 2-core machine the absolute
-times drift, a ratio taken in one run much less.
+reported with the ratio. The CPU, its SIMD extensions and the load average are printed too: on a
+shared 2-core machine the absolute times drift, a ratio taken in one run much less.
 
 Where the time goes in NumPy: the matmuls (OpenBLAS) dominate; elementwise passes (softmax, SiLU,
 RMSNorm, RoPE) run on one thread, where PyTorch fuses some and threads all of them.
@@ -23,6 +23,7 @@ import numpy as np
 
 from shared.cli import ArgumentParser, fail
 from shared.config import PRESETS, get_preset
+from shared.results import describe_machine
 from vol1_numpy.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from vol1_numpy.model import cache_nbytes, model_backward, model_forward
 from vol1_numpy.threads import set_threads
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = B * T
     flops = model.flops_per_token(T) * tokens
+    print(f"machine: {describe_machine()}")
     print(f"config: {args.preset} preset, {config.to_dict()}")
     print(f"one training step = forward + loss + backward on B {B} x T {T} = {tokens:,} tokens, float32, "
           f"~{flops / 1e9:.0f} GFLOP (6N + 12LDT per token)")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shared.config import ModelConfig
+from shared.results import describe_machine
 from vol1_numpy import op_checks as oc
 from vol1_numpy import reference as ref
 from vol1_numpy.harness import FD_TOL, TORCH_TOL, Result, check_op
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     print("Volume 1 gradient check: NumPy backward vs central finite differences and vs torch autograd")
+    print(f"machine: {describe_machine()}")
     print(f"(random upstream gradient; relative error = max|a-b| / max(max|a|, max|b|, 1e-6); "
           f"tolerances: finite differences {FD_TOL:.0e}, torch {TORCH_TOL:.0e}, AdamW losses 1e-08, "
           f"[float32] rows as shown)\n")

@@ -9,7 +9,9 @@ Unless `--no-torch`, Volume 2 trains alongside: the same initial weights (Volume
 NumPy), the same batch at every step, Volume 2's own loss, optimizer groups, clipping and schedule
 (`vol2_torch.train.lm_loss`, `make_optimizer`, `lr_at`, `evaluate`). Two independent implementations
 take the same steps; the command prints both loss curves side by side and writes them to
-`runs/vol1/loss.png` and `runs/vol1/metrics.jsonl`. Both run in float32, so their curves agree to
+`runs/vol1/loss.png` and `runs/vol1/metrics.jsonl`. Both files are replaced atomically when the run
+ends; until then its metrics go line by line to `metrics.jsonl.partial`, so a crash loses neither the
+previous run's log nor this run's lines so far. Both run in float32, so their curves agree to
 float32 rounding at first and drift apart slowly (training amplifies tiny differences); the
 float64 agreement to 1e-16 is `make vol1-gradcheck`'s job.
 """
@@ -29,6 +31,7 @@ from shared.cli import ArgumentParser, fail
 from shared.config import ModelConfig
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
+from shared.results import save_figure, write_text
 from vol1_numpy.cross_entropy import cross_entropy_forward
 from vol1_numpy.model import init_params, loss_and_grads, model_forward
 from vol1_numpy.optim import AdamW, clip_grad_norm
@@ -160,8 +163,7 @@ def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None
         axes[1, 0].grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -192,7 +194,13 @@ def train(args) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "w")
+    metrics_path, partial = out / "metrics.jsonl", out / "metrics.jsonl.partial"
+    partial.write_text("")
+
+    def log(rec: dict) -> None:
+        with open(partial, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     history, evals = [], []
     seconds = {"numpy": 0.0, "torch": 0.0}
 
@@ -203,7 +211,7 @@ def train(args) -> dict:
         if twin:
             rec["torch_val_loss"], rec["torch_val_bpb"] = twin.evaluate(ds.val, ds.val_bytes, args.eval_batch_size)
         evals.append(rec)
-        metrics.write(json.dumps(rec) + "\n")
+        log(rec)
         line = f"step {step:5d} | validation: NumPy {rec['numpy_val_loss']:.4f} nats/token, " \
                f"{rec['numpy_val_bpb']:.4f} bits/byte"
         if twin:
@@ -231,7 +239,7 @@ def train(args) -> dict:
             rec["torch_loss"] = twin.step(x, y, step, args.steps)
             seconds["torch"] += time.perf_counter() - t
         history.append(rec)
-        metrics.write(json.dumps(rec) + "\n")
+        log(rec)
         bar.set_postfix(numpy=f"{loss:.3f}", **({"torch": f"{rec['torch_loss']:.3f}"} if twin else {}))
         if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
             line = f"step {step + 1:5d} | lr {lr:.2e} | train loss: NumPy {loss:.4f}"
@@ -241,7 +249,8 @@ def train(args) -> dict:
         if step + 1 in eval_at:
             run_eval(step + 1)
     bar.close()
-    metrics.close()
+    write_text(metrics_path, partial.read_text())  # the previous run's log stays until this line
+    partial.unlink()
 
     tokens = args.steps * args.batch_size * config.max_seq_len
     title = (f"dim {config.dim}, {config.n_layers} layers, {config.n_heads}/{config.n_kv_heads} heads, "
@@ -259,7 +268,7 @@ def train(args) -> dict:
     print(f"training time: NumPy {seconds['numpy']:.1f} s ({tokens / seconds['numpy']:,.0f} tok/s)"
           + (f", PyTorch {seconds['torch']:.1f} s ({tokens / seconds['torch']:,.0f} tok/s)" if twin else "")
           + f"; total {time.perf_counter() - t0:.0f} s with evaluations")
-    print(f"wrote {out / 'metrics.jsonl'} and {out / 'loss.png'}")
+    print(f"wrote {metrics_path} and {out / 'loss.png'}")
     return {"history": history, "evals": evals}
 
 

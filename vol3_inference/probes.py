@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from shared.cli import ArgumentParser, fail
 from shared.config import get_preset
+from shared.results import describe_machine
 from vol2_torch.model import Transformer
 from vol3_inference import ops
 from vol3_inference.engine import Chunk, Engine, LayerWeights, ModelWeights
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.threads < 1 or args.context < 1:
         return fail("--rounds, --threads and --context must be >= 1")
     torch.set_num_threads(args.threads)
+    print(f"machine: {describe_machine()}")
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     if args.probe in ("layout", "gemv", "fused", "argmax", "overhead", "threads"):
         try:
