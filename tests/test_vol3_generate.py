@@ -62,6 +62,12 @@ def run_cli(args: list[str]) -> int:
     (["--prompt", "a", "--prompt", "b", "--stream"], "exactly one --prompt"),
     (["--prompt", "x", "--max-tokens", "many"], "invalid int value"),
     (["--prompt", "x", "--threads", "0"], "--threads must be"),
+    (["--prompt", "x", "--temperature", "nan"], "SamplingParams.temperature"),
+    (["--prompt", "x", "--temperature", "inf"], "SamplingParams.temperature"),
+    (["--prompt", "x", "--max-tokens", "-5"], "SamplingParams.max_tokens"),
+    (["--prompt", "x", "--seed", "-1"], "SamplingParams.seed"),
+    (["--prompt", "x", "--top-k", "-2"], "SamplingParams.top_k"),
+    (["--prompt", "x", "--repetition-penalty", "0"], "SamplingParams.repetition_penalty"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpt, capsys, args, message):
     assert run_cli(["--ckpt", str(ckpt), "--threads", "1", *args]) == 2
@@ -69,6 +75,35 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, capsys, args, message):
     err = captured.err.strip()
     assert message in err and err.startswith("error:") and len(err.splitlines()) == 1
     assert captured.out == ""  # nothing half-printed (not even the prompt of a --stream)
+
+
+def test_good_prompts_print_and_each_bad_one_gets_its_error_line(ckpt, capsys):
+    args = ["--ckpt", str(ckpt), "--threads", "1", "--temperature", "0", "--max-tokens", "4"]
+    assert run_cli([*args, "--prompt", "HAMLET.", "--prompt", "", "--prompt", "x" * 200, "--prompt", "To be"]) == 2
+    captured = capsys.readouterr()
+    assert "--- 'HAMLET.' (length)" in captured.out and "--- 'To be' (length)" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "prompt is empty" in errors[0] and "leaves no room" in errors[1]
+    assert "Traceback" not in captured.err
+
+
+def test_a_temperature_that_would_underflow_is_greedy(ckpt, capsys):
+    args = ["--ckpt", str(ckpt), "--threads", "1", "--max-tokens", "6", "--prompt", "To be"]
+    assert run_cli([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert run_cli([*args, "--temperature", "5e-324", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def test_a_tokenizer_that_does_not_match_the_model_is_refused_at_load(tmp_path, capsys):
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, Transformer(CONFIG).state_dict(), CONFIG,
+                    tokenizer=Tokenizer.train(TEXT, CONFIG.vocab_size - 11).to_dict())
+    with pytest.raises(ValueError, match="289 tokens but the model's vocab_size is 300"):
+        load_weights(path)
+    assert run_cli(["--ckpt", str(path), "--threads", "1", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "289 tokens" in err and len(err.splitlines()) == 1
 
 
 def test_missing_checkpoint(tmp_path, capsys):

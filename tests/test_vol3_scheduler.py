@@ -159,6 +159,137 @@ def test_bad_requests_fail_alone():
         llm.stream("")  # raised at the call, before any iteration
 
 
+def assert_clean(llm: LLM) -> None:
+    """Nothing queued, nothing running, no KV block held."""
+    sched = llm.scheduler
+    assert not sched.waiting and not sched.running
+    assert llm.engine.cache.manager.used_blocks == 0 and not llm.engine.cache.manager.lengths
+
+
+GOOD = SamplingParams(max_tokens=6, ignore_eos=True)
+FRESH = (["To be", "or not", "that is the"], SamplingParams(max_tokens=7, ignore_eos=True))
+
+
+@functools.cache
+def fresh_outputs() -> list[list[int]]:
+    return [o.token_ids for o in LLM(weights(), tokenizer(), max_batch=4).generate(*FRESH)]
+
+
+def bad_inputs():
+    """(name, prompt, params, forward fault, sampler fault): each runs between two good requests.
+    A fault is a predicate on the request's prompt that makes the model step or the sampler raise."""
+    sampled = dict(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    return [
+        ("temperature 5e-324 is greedy", "the", dict(temperature=5e-324, max_tokens=6, ignore_eos=True), None, None),
+        ("repetition penalty 5e-324", "the", {**sampled, "repetition_penalty": 5e-324}, None, None),
+        ("repetition penalty 1e300", "the", {**sampled, "repetition_penalty": 1e300}, None, None),
+        ("a None prompt", None, GOOD, None, None),
+        ("a prompt of floats", [1.5, 2.0], GOOD, None, None),
+        ("a prompt of bools", [True, False], GOOD, None, None),
+        ("a dict prompt", {"text": "to be"}, GOOD, None, None),
+        ("an unknown params field", "the", dict(temperature=0.5, beam_width=3), None, None),
+        ("a params object of the wrong type", "the", "greedy", None, None),
+        ("a seed past 64 bits", "the", {**sampled, "seed": 2**64}, None, None),
+        ("an empty prompt", "", GOOD, None, None),
+        ("token ids outside the vocabulary", [1, 2, 10**6], GOOD, None, None),
+        ("a prompt as long as the context", [5] * CONFIG.max_seq_len, GOOD, None, None),
+        ("NaN logits while sampling", [9, 9, 9], sampled, "nan", None),
+        ("the model step raises", [9, 9, 9], GOOD, "raise", None),
+        ("the sampler raises", [9, 9, 9], sampled, None, "raise"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_inputs(), ids=lambda c: c[0])
+def test_an_llm_survives_any_request_and_serves_the_next_batch(case, monkeypatch):
+    """Each bad input beside two good requests: the good ones get their outputs, the bad one an error
+    output (or, where it is in fact servable, its output), and the same LLM then serves a fresh batch
+    exactly as a new LLM would, holding no blocks in between."""
+    import vol3_inference.scheduler as sched_mod
+
+    name, prompt, params, forward_fault, sampler_fault = case
+    llm = LLM(weights(), tokenizer(), max_batch=4)
+    faulty = [9, 9, 9]
+    if forward_fault:  # the step that includes the faulty request's prefill fails, or gives NaN logits
+        real_forward = llm.engine.forward_last
+
+        def forward_last(chunks):
+            logits = real_forward(chunks)
+            rows = [i for i, ch in enumerate(chunks) if list(ch.tokens[:3]) == [tokenizer().bos_id, *faulty[:2]]
+                    or list(ch.tokens) == faulty]
+            if rows and forward_fault == "raise":
+                raise RuntimeError("injected fault in the model step")
+            if rows:
+                logits = logits.clone()
+                logits[rows] = float("nan")
+            return logits
+
+        monkeypatch.setattr(llm.engine, "forward_last", forward_last)
+    if sampler_fault:
+        real_sample = sched_mod.sample_token
+
+        def sample_token(logits, p, generator=None, seen=None):
+            if p.seed == 3:
+                raise RuntimeError("injected fault in the sampler")
+            return real_sample(logits, p, generator, seen)
+
+        monkeypatch.setattr(sched_mod, "sample_token", sample_token)
+    outs = llm.generate(["To be", prompt, "or not"], [GOOD, params, GOOD])
+    assert [o.finish_reason for o in (outs[0], outs[2])] == ["length", "length"], name
+    assert all(len(o.token_ids) == 6 and o.error is None for o in (outs[0], outs[2])), name
+    bad = outs[1]
+    if name.startswith(("temperature", "repetition")):  # servable: it must be served
+        assert bad.error is None and bad.finish_reason == "length" and len(bad.token_ids) == 6, name
+        if name.startswith("temperature"):
+            greedy = llm.generate(["the"], dict(max_tokens=6, ignore_eos=True))[0]
+            assert bad.token_ids == greedy.token_ids
+    else:
+        assert bad.finish_reason == "error" and bad.error, name
+    if forward_fault == "raise":  # the whole step failed: its other rows failed with it, nothing else
+        assert "injected fault" in bad.error
+    assert_clean(llm)
+    monkeypatch.undo()
+    again = llm.generate(*FRESH)
+    assert [o.token_ids for o in again] == fresh_outputs()
+    assert_clean(llm)
+
+
+def test_generate_takes_one_string_as_one_prompt_and_refuses_other_containers():
+    llm = LLM(weights(), tokenizer(), max_batch=4)
+    outs = llm.generate("To be", GOOD)
+    assert len(outs) == 1 and outs[0].token_ids == llm.generate(["To be"], GOOD)[0].token_ids
+    for bad in (None, 42, {"To be"}, (p for p in ["To be"])):
+        with pytest.raises(TypeError, match="prompts must be"):
+            llm.generate(bad, GOOD)
+    assert_clean(llm)
+    # numpy and torch integer arrays are token ids too
+    import numpy as np
+    ids = [o.token_ids for o in llm.generate([np.array([5, 6, 7]), torch.tensor([5, 6, 7]), [5, 6, 7]], GOOD)]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 6
+
+
+def test_an_interrupted_generate_and_an_abandoned_stream_leave_nothing_behind(monkeypatch):
+    llm = LLM(weights(), tokenizer(), max_batch=2)
+    real_step, calls = llm.scheduler.step, []
+
+    def step(final_only=False):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(final_only)
+
+    monkeypatch.setattr(llm.scheduler, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["To be", "or not", "that is"], GOOD)  # 3 requests, 2 slots: one still waits
+    assert_clean(llm)
+    monkeypatch.undo()
+    stream = llm.stream("To be", SamplingParams(max_tokens=20, ignore_eos=True))
+    next(stream)
+    assert llm.engine.cache.manager.used_blocks > 0
+    stream.close()  # the caller stops reading
+    assert_clean(llm)
+    assert [o.token_ids for o in llm.generate(*FRESH)] == fresh_outputs()
+
+
 def test_stream_and_stop_strings():
     llm = LLM(weights(), tokenizer(), max_batch=4)
     params = SamplingParams(max_tokens=30, ignore_eos=True)

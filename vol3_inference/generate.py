@@ -4,8 +4,10 @@
     python -m vol3_inference.generate --ckpt hf/vol2-cpu --prompt "O Romeo" --prompt "To be" --quant int8
 
 Several --prompt flags run as one continuously batched job; --stream prints the (single) request's text
-as it is produced. Bad input (a missing checkpoint, an empty or over-long prompt, invalid sampling
-values) prints one line starting with "error:" and exits with status 2.
+as it is produced. Bad input (a missing checkpoint, invalid sampling values, a tokenizer that does
+not match the model) prints one line starting with "error:" and exits with status 2. With several
+prompts, the good ones print their text and each bad one (empty, too long) prints its own "error:"
+line; the exit status is then 2.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def build_parser() -> ArgumentParser:
                    help="prompt text (repeat the flag for several prompts, batched together)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 = greedy (so is anything under 1e-5, as in vLLM)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty (1 = off)")
@@ -96,14 +99,15 @@ def _run(llm: LLM, args, params: list[SamplingParams]) -> int:
         print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, {_where(llm)}]", file=sys.stderr)
         return 0
     outs = llm.generate(args.prompt, params)
-    for prompt, out in zip(args.prompt, outs, strict=True):
-        if out.error:
-            return fail(f"prompt {prompt[:40]!r}: {out.error}")
     n = sum(len(o.token_ids) for o in outs)
     for prompt, out in zip(args.prompt, outs, strict=True):
-        print(f"--- {prompt!r} ({out.finish_reason})\n{prompt}{out.text}")
-    print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, {_where(llm)}]", file=sys.stderr)
-    return 0
+        if out.error:
+            fail(f"prompt {prompt[:40]!r}: {out.error}")
+        else:
+            print(f"--- {prompt!r} ({out.finish_reason})\n{prompt}{out.text}")
+    if not all(o.error for o in outs):
+        print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, {_where(llm)}]", file=sys.stderr)
+    return 2 if any(o.error for o in outs) else 0
 
 
 def _where(llm: LLM) -> str:

@@ -26,7 +26,8 @@ def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant:
 
     Raises:
         FileNotFoundError: `path` is neither kind of folder.
-        CheckpointError / ValueError: from the loaders (naming the tensor or field), or a bad `quant`.
+        CheckpointError / ValueError: from the loaders (naming the tensor or field), a bad `quant`, or
+            a tokenizer whose vocabulary size differs from the model's `vocab_size`.
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
@@ -42,7 +43,13 @@ def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant:
     else:
         raise FileNotFoundError(f"{p}: neither a checkpoint directory ({META_FILE}) nor a Hugging Face "
                                 f"model folder (config.json)")
+    tokenizer = Tokenizer.from_dict(tok) if tok is not None else None
+    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+        # fewer tokens: the model can sample ids the tokenizer cannot decode; more: prompts encode to
+        # ids the model has no embedding for. Either fails mid-request; say so at load.
+        raise ValueError(f"{p}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {config.vocab_size}; they must match")
     weights = ModelWeights.from_state_dict(state, config, dtype)
     if quant is not None:
         weights = weights.quantize(lm_head=quant == "int8")
-    return weights.to(device), (Tokenizer.from_dict(tok) if tok is not None else None)
+    return weights.to(device), tokenizer

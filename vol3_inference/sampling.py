@@ -5,7 +5,11 @@ Given logits z (V,) for the next token, in this order:
 1. repetition penalty p (Keskar et al. 2019, "CTRL", section 4.1): for every token already in the
    prompt or output, z_i <- z_i / p if z_i > 0 else z_i * p. Dividing a *negative* logit by p > 1
    would raise it (make the token more likely); multiplying lowers it, which is what is meant.
-2. temperature t: t == 0 means greedy (argmax, no randomness); otherwise z <- z / t.
+2. temperature t: t == 0 means greedy (argmax, no randomness); otherwise z <- z / t. A temperature
+   below MIN_TEMPERATURE (1e-5, vLLM's threshold) is greedy too: z / t would overflow float64 for
+   t near 5e-324 and is already an argmax in all but ties well before that. A logit that still
+   overflows to +inf (e.g. through a tiny repetition penalty) is clamped to the largest float64, so
+   the draw stays a draw among the top tokens instead of a NaN.
 3. top-k: keep the k largest logits (k = 0: all).
 4. top-p, nucleus sampling (Holtzman et al. 2020, section 3.1): keep the smallest set of most likely
    tokens whose probability mass reaches p (the most likely token always stays).
@@ -26,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vol3_inference import cpu_kernels
+
+MIN_TEMPERATURE = 1e-5  # 0 < temperature < this is greedy (vLLM's _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,8 @@ class SamplingParams:
             bad("top_p", "must be in (0, 1]")
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", "must be an integer or None")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            bad("seed", "must be an integer in [0, 2**64) or None")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -75,7 +81,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax, no randomness: temperature 0, or under MIN_TEMPERATURE."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def argmax_only(self) -> bool:
@@ -140,7 +147,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         z = apply_repetition_penalty(z, seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(z))
-    z = filter_logits(z / params.temperature, params.top_k, params.top_p)
+    # posinf -> the largest float64, so softmax sees max - max = 0 and not inf - inf = NaN
+    z = torch.nan_to_num(z / params.temperature, nan=float("nan"), posinf=torch.finfo(z.dtype).max)
+    z = filter_logits(z, params.top_k, params.top_p)
     probs = torch.softmax(z, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -29,17 +29,23 @@ batch at once (its slot still stays empty until the whole batch is done).
 `LLM` is the user-facing API in the spirit of vLLM's: `LLM.generate(prompts, params)` returns one
 `RequestOutput` per prompt, `LLM.stream(prompt, params)` yields text as it is produced. A bad request
 (empty prompt, too long, token ids outside the vocabulary, invalid sampling values) gets an error
-output of its own; the others are served as usual.
+output of its own; the others are served as usual. A failure inside a step fails only the requests it
+concerns: an exception while sampling or decoding one request's token fails that request; one in the
+model's forward fails the requests of that step's batch. Each gets `finish_reason="error"` and the
+exception's message, its KV blocks are freed, and the scheduler goes on with the rest, so one bad
+request never leaves an `LLM` unable to serve the next.
 """
 
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vol3_inference.engine import Chunk, Engine, ModelWeights
@@ -172,6 +178,21 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self, request_ids) -> None:
+        """Drop these requests wherever they are (waiting or running) and free their KV blocks;
+        unknown or finished ids are ignored. (A caller that gives up on a stream, or whose own code
+        failed, calls this so nothing it queued outlives it.)"""
+        ids = set(request_ids)
+        for r in [*self.running, *self.waiting]:
+            if r.id in ids:
+                self.engine.release(r.id)
+        self.running = [r for r in self.running if r.id not in ids]
+        self.waiting = deque(r for r in self.waiting if r.id not in ids)
+
+    def _fail(self, r: Request, e: BaseException) -> None:
+        """Finish `r` with an error (its blocks are freed with the finished ones at the step's end)."""
+        r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
+
     # --- one step ------------------------------------------------------------------------------
 
     def _preempt(self, req: Request) -> None:
@@ -264,16 +285,18 @@ class Scheduler:
                     chunks.append(Chunk(r.id, r.token_slice(r.n_cached, r.n_cached + n), r.n_cached))
             try:
                 logits = self.engine.forward_last(chunks)  # (len(plan), V)
-            except Exception:
-                self._release_finished()  # a truncated padding row must not outlive a failed step
-                raise
+            except Exception as e:  # any failure of the step: find whose it is
+                logits = self._isolate(plan, chunks, e)
+                events.update((r.id, r) for r, _, _ in plan if r.finish_reason == "error")
+                if logits is None:
+                    return [self._output(r) for r in events.values()]
             self.n_steps += 1
             now = time.perf_counter()
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
             ready = []  # plan rows whose request has every known token cached: each gets its next token
             for i, (r, n, kind) in enumerate(plan):
-                if kind != "pad":
+                if kind != "pad" and not r.finished:  # (a row that failed alone in `_isolate` is finished)
                     r.n_cached += n
                     if r.n_cached == r.n_tokens:
                         ready.append(i)
@@ -283,18 +306,51 @@ class Scheduler:
                 greedy, greedy_tokens(logits if len(greedy) == len(plan) else logits[greedy]), strict=True))
             for i in ready:
                 r = plan[i][0]
-                if i in picked:
-                    tok = picked[i]
-                else:
-                    seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
-                    tok = sample_token(logits[i], r.params, r.generator, seen)
-                r.output.append(tok)
-                r.token_times.append(now)
-                self._check_stop(r, tok)
                 events[r.id] = r
+                try:
+                    if i in picked:
+                        tok = picked[i]
+                    else:
+                        seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
+                        tok = sample_token(logits[i], r.params, r.generator, seen)
+                    r.output.append(tok)
+                    r.token_times.append(now)
+                    self._check_stop(r, tok)
+                except Exception as e:  # this request's sampling or decoding: it alone fails
+                    self._fail(r, e)
         if self.policy != "static" or all(r.finished for r in self.running):
             self._release_finished()  # finished requests free their blocks at once
         return [self._output(r) for r in events.values() if r.finished or not final_only]
+
+    def _isolate(self, plan, chunks: list[Chunk], error: Exception) -> torch.Tensor | None:
+        """The batched forward raised `error`. Undo what it appended to the cache, then run each row
+        alone: a row that fails alone fails its request (with its own exception); the others get
+        their logits as if nothing happened (a row's logits do not depend on the other rows). Returns
+        the step's logits (len(plan), V), NaN in failed rows, or None if every row failed. Finished
+        rows (padding, failed) leave the batch now: their caches may be half-written."""
+        mgr = self.engine.cache.manager
+
+        def undo(ch: Chunk) -> None:
+            extra = mgr.lengths.get(ch.seq, 0) - ch.start_pos
+            if extra > 0:
+                mgr.truncate(ch.seq, extra)
+
+        for ch in chunks:
+            undo(ch)
+        rows: list[torch.Tensor | None] = []
+        for (r, _, kind), ch in zip(plan, chunks, strict=True):
+            try:
+                rows.append(self.engine.forward_last([ch])[0] if kind != "pad" else None)
+            except Exception as e:
+                undo(ch)
+                self._fail(r, e if len(plan) > 1 else error)
+                rows.append(None)
+        self._release_finished()
+        good = [row for row in rows if row is not None]
+        if not good:
+            return None
+        nan = torch.full_like(good[0], float("nan"))
+        return torch.stack([nan if row is None else row for row in rows])  # (len(plan), V)
 
     def _check_stop(self, r: Request, tok: int) -> None:
         p = r.params
@@ -359,14 +415,19 @@ class LLM:
         weights, tokenizer = load_weights(path, dtype=dtype, quant=quant, device=device)
         return cls(weights, tokenizer, **kw)
 
-    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty")
             if self.tokenizer is None:
                 raise RequestError("a text prompt needs a tokenizer; pass token ids instead")
             return self.tokenizer.encode(prompt, bos=True)
-        return list(prompt)
+        if isinstance(prompt, (torch.Tensor, np.ndarray)):  # 1-D arrays too (a float one is refused below)
+            prompt = prompt.tolist() if prompt.ndim == 1 else None
+        if not isinstance(prompt, (list, tuple, range)) or not all(_is_token(t) for t in prompt):
+            raise RequestError(f"a prompt must be a string or a list of token ids (ints), got "
+                               f"{_describe(prompt)}")
+        return [int(t) for t in prompt]
 
     def _add(self, prompt, params) -> Request:
         try:
@@ -376,28 +437,37 @@ class LLM:
         except (RequestError, ValueError, TypeError) as e:
             raise RequestError(str(e)) from None
 
-    def generate(self, prompts: Sequence[str | Sequence[int]],
+    def generate(self, prompts: str | Sequence[str | Sequence[int]],
                  params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None) -> list[RequestOutput]:
-        """One finished `RequestOutput` per prompt, in order.
+        """One finished `RequestOutput` per prompt, in order (a single string is one prompt).
 
         `params` is one SamplingParams (or dict of its fields) for all prompts, or one per prompt. A bad
-        prompt or bad params get an output with `error` set and `finish_reason="error"`; the other
-        requests are generated as usual."""
+        prompt or bad params get an output with `error` set and `finish_reason="error"`, and so does a
+        request that fails while it runs (see the module docstring); the others are generated as usual.
+        Raises TypeError if `prompts` is not a string or a list/tuple, ValueError if the params list's
+        length differs from the prompts'; then nothing is queued."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a string or a list of prompts, got {_describe(prompts)}")
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         results: list[RequestOutput | None] = []
         reqs: dict[Hashable, int] = {}
-        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
-            try:
-                reqs[self._add(prompt, p).id] = i
-                results.append(None)
-            except RequestError as e:
-                ids = list(prompt) if not isinstance(prompt, str) else []
-                results.append(RequestOutput(None, ids, [], "", [], "", True, "error", str(e)))
-        for out in self.scheduler.run(final_only=True):
-            if out.id in reqs:
-                results[reqs[out.id]] = out
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+                try:
+                    reqs[self._add(prompt, p).id] = i
+                    results.append(None)
+                except RequestError as e:
+                    ids = list(prompt) if isinstance(prompt, (list, tuple)) else []
+                    results.append(RequestOutput(None, ids, [], "", [], "", True, "error", str(e)))
+            for out in self.scheduler.run(final_only=True):
+                if out.id in reqs:
+                    results[reqs[out.id]] = out
+        finally:  # an exception (KeyboardInterrupt too) must not leave this call's requests queued
+            self.scheduler.abort(i for i, n in reqs.items() if results[n] is None)
         return results  # type: ignore[return-value]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -407,7 +477,22 @@ class LLM:
         return self._follow(req)
 
     def _follow(self, req: Request) -> Iterator[RequestOutput]:
-        while not req.finished:
-            for out in self.scheduler.step():
-                if out.id == req.id:
-                    yield out
+        try:
+            while not req.finished:
+                for out in self.scheduler.step():
+                    if out.id == req.id:
+                        yield out
+        finally:  # the caller stopped reading (or failed): the request must not keep its blocks
+            if not req.finished:
+                self.scheduler.abort([req.id])
+
+
+def _is_token(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _describe(v) -> str:
+    if isinstance(v, (list, tuple)):
+        kinds = sorted({type(t).__name__ for t in v})
+        return f"a {type(v).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(v).__name__
