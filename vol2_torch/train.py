@@ -7,15 +7,26 @@ Mixed precision by autocast with fp32 master weights where the hardware has fast
 measures it; see vol2_torch/device.py).
 
 By default the run is sized by wall-clock: `--max-minutes` (10) of training after data preparation.
-The number of optimizer steps is fixed once, early, from the measured time per step, and stored in
-the checkpoint, so the schedule is a pure function of the step and `--resume` continues exactly:
-model, optimizer, schedule and data-sampler state are restored, and the resumed losses equal those of
-an uninterrupted run. Pass `--max-steps` to fix the schedule yourself (reproducible across machines).
+The number of optimizer steps is fixed after CALIBRATION_STEPS from the measured time per step, and
+fixed again at RECALIBRATION_STEPS. The checkpoint stores that count and everything its decisions
+read (`RunClock`: the step times so far, the step of the re-measurement and the time summed for it,
+the time already charged to the budget), so `--resume` continues exactly: model, optimizer, schedule,
+data-sampler state and the run's clock are restored, and given the same step times (a test injects
+them) the resumed run fixes the same step counts and has the same losses as an uninterrupted one.
+Pass `--max-steps` to fix the schedule yourself (reproducible across machines).
 
-Outputs in `runs/<name>/`: `ckpt/` (atomic), `metrics.jsonl`, `loss.png`, `samples.md`,
-`config.json`. Ctrl-C saves a checkpoint and exits; a NaN/inf loss stops the run naming the step and
-the last good checkpoint. Runs under `torchrun --nproc_per_node=N` with DistributedDataParallel
-(gloo on CPU, nccl on GPU): each rank draws different windows, rank 0 evaluates and writes.
+Every stop leaves a checkpoint that `--resume` continues: one is saved before the first step, and
+Ctrl-C (SIGINT) or SIGTERM, `--stop-at-step` and the time budget save one at the step where they
+stop. A NaN/inf loss stops the run before the optimizer step and names the last good checkpoint,
+which it leaves in place. The budget counts across resumes; a run resumed with its budget spent
+trains on to its step count with no time limit (`--max-minutes` on resume sets a new total).
+An existing run folder (a checkpoint or metrics) is refused unless `--resume` (continue it) or
+`--overwrite` (start it over) is passed; the check comes before anything is written.
+
+Outputs in `runs/<name>/`, each written atomically except the one-line appends: `ckpt/`,
+`metrics.jsonl`, `loss.png`, `samples.md`, `config.json`. Runs under `torchrun --nproc_per_node=N`
+with DistributedDataParallel (gloo on CPU, nccl on GPU): each rank draws different windows, rank 0
+evaluates and writes.
 """
 
 from __future__ import annotations
@@ -25,9 +36,12 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +56,12 @@ from shared.cli import ArgumentParser, fail
 from shared.config import PRESETS, ModelConfig, get_preset
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
+from shared.results import save_figure, write_text
 from shared.threads import TRAIN_PROBE, choose_threads
 from shared.tokenizer import Tokenizer
 from vol2_torch.device import matmul_flops, pick_device, pick_dtype
 from vol2_torch.model import Transformer
-from vol2_torch.sample import generate
+from vol2_torch.sample import check_prompt, generate
 
 # Training recipe per preset; every value can be overridden by its flag.
 RECIPES = {
@@ -57,20 +72,35 @@ RECIPES = {
 }
 CALIBRATION_STEPS = 30  # steps timed before the step count is fixed (auto mode)
 RECALIBRATION_STEPS = 300  # ... and fixed again here, from the mean wall time of the steps since
+clock = time.perf_counter  # the one clock the budget and the step count read (tests inject their own)
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
+@dataclass
+class RunClock:
+    """What the time budget and auto mode's step count depend on; saved in every checkpoint.
+
+    Seconds of `clock()` over the training loop (start-up and data preparation are not counted).
+    """
+
+    spent_s: float = 0.0  # charged to the budget, resumes included: steps and scheduled evaluations
+    eval_s: float = 0.0  # the step-0 evaluation: each evaluation still to come is assumed to cost this
+    step_s: list[float] = field(default_factory=list)  # each step's time, until the step count is fixed
+    recalibrate_at: int | None = None  # the step where the count is fixed again, while still ahead
+    since_calibration_s: float = 0.0  # time of the steps since the count was fixed, evaluations excluded
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vol2_torch.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size and recipe")
     g = p.add_argument_group("model (override the preset)")
-    for flag, field in (("--dim", "dim"), ("--n-layers", "n_layers"), ("--n-heads", "n_heads"),
-                        ("--n-kv-heads", "n_kv_heads"), ("--vocab-size", "vocab_size"),
-                        ("--seq-len", "max_seq_len")):
-        g.add_argument(flag, dest=field, type=int, default=None, help=f"ModelConfig.{field}")
+    for flag, attr in (("--dim", "dim"), ("--n-layers", "n_layers"), ("--n-heads", "n_heads"),
+                       ("--n-kv-heads", "n_kv_heads"), ("--vocab-size", "vocab_size"),
+                       ("--seq-len", "max_seq_len")):
+        g.add_argument(flag, dest=attr, type=int, default=None, help=f"ModelConfig.{attr}")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch, per rank")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -82,13 +112,17 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0 = off)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="optimizer steps (default: as many as fit in --max-minutes, measured)")
-    g.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget for training, counted across resumes (0 = none, with --max-steps)")
     g.add_argument("--stop-at-step", type=int, default=None,
                    help="save and exit at this step without changing the schedule (resume later)")
     g = p.add_argument_group("run")
     g.add_argument("--name", default=None, help="run name: outputs go to runs/<name> (default vol2-<preset>)")
     g.add_argument("--out-root", default="runs", help="parent folder of run folders")
-    g.add_argument("--resume", action="store_true", help="continue runs/<name>/ckpt exactly")
+    existing = g.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue runs/<name>/ckpt exactly")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="start runs/<name> over if it holds a run (else an existing run is refused)")
     g.add_argument("--seed", type=int, default=1337, help="seed for init and data order")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
@@ -127,6 +161,11 @@ def resolve(args) -> tuple[ModelConfig, dict]:
         raise ValueError(f"--warmup-steps must be >= {CALIBRATION_STEPS} when the step count is measured")
     if not recipe["lr"] > 0 or not 0 <= recipe["min_lr_ratio"] <= 1:
         raise ValueError("--lr must be > 0 and --min-lr-ratio in [0, 1]")
+    if not (math.isfinite(recipe["max_minutes"]) and recipe["max_minutes"] >= 0):
+        raise ValueError(f"--max-minutes must be a finite number >= 0, got {recipe['max_minutes']}")
+    if recipe["max_steps"] is None and recipe["max_minutes"] == 0:
+        raise ValueError("--max-minutes 0 (no time limit) needs --max-steps: without it the step count "
+                         "is sized from the time budget")
     return config, recipe
 
 
@@ -226,25 +265,35 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    save_figure(fig, out_png, dpi=110)
     plt.close(fig)
 
 
+def truncate_samples(text: str, step: int) -> str:
+    """samples.md without the sections of steps after `step` (they follow the checkpoint)."""
+    head, *sections = re.split(r"(?m)^(?=## step \d+ \(val loss )", text)
+    return head + "".join(sec for sec in sections if int(sec.split()[2]) <= step)
+
+
 class StopFlag:
-    """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
+    """The first SIGINT (Ctrl-C) or SIGTERM asks the loop to save and stop after the current step; a
+    second one aborts."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGINT, self._handle) if _is_main_thread() else None
+        self.reason: str | None = None
+        main_thread = _is_main_thread()
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS} if main_thread else {}
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.reason is not None:
             raise KeyboardInterrupt
-        self.requested = True
+        self.reason = self.SIGNALS[signum]
 
     def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def _is_main_thread() -> bool:
@@ -257,32 +306,43 @@ def train(args) -> dict:
     """Run training as configured by parsed `args`; returns the final metrics. Raises on bad input."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = pick_device(args.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
 
+    # Everything below is checked before the run folder is touched.
+    for flag, value, low in (("--log-interval", args.log_interval, 1), ("--eval-batch-size", args.eval_batch_size, 1),
+                             ("--sample-tokens", args.sample_tokens, 0), ("--evals", args.evals, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     name = args.name or f"vol2-{args.preset}"
     run_dir = Path(args.out_root) / name
     ckpt_dir = run_dir / "ckpt"
+    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.md"
+    has_ckpt = ckpt_dir.exists() or ckpt_dir.with_name("ckpt.old").exists()
+    if (has_ckpt or metrics_path.exists()) and not (args.resume or args.overwrite):
+        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it or --overwrite "
+                         "to start it over (or choose another --name)")
     resumed = None
     if args.resume:
-        if not (ckpt_dir.exists() or ckpt_dir.with_name("ckpt.old").exists()):
+        if not has_ckpt:
             raise ValueError(f"--resume: no checkpoint at {ckpt_dir}")
         resumed = load_checkpoint(ckpt_dir)
         saved = resumed.train_state["args"]
         for k, v in saved.items():  # the resumed run is the same run: its flags win, but for these
-            if k not in ("resume", "max_minutes", "stop_at_step", "no_progress", "device", "evals", "threads"):
+            if k not in ("resume", "overwrite", "max_minutes", "stop_at_step", "no_progress", "device", "evals",
+                         "threads"):
                 setattr(args, k, v)
     config, recipe = resolve(args)
     if resumed is not None:
         config, recipe = resumed.config, resumed.train_state["recipe"]
         if args.max_minutes is not None:
             recipe["max_minutes"] = args.max_minutes
+    device = pick_device(args.device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # a second OpenMP thread on a busy 2-core machine made training steps 10-30x slower here
     threads, threads_note = choose_threads(args.threads, device.type, TRAIN_PROBE, world, rounds=5, reps=3)
     if threads is not None:
@@ -298,50 +358,66 @@ def train(args) -> dict:
         dist.barrier()
     if resumed is not None and resumed.tokenizer is not None and Tokenizer.from_dict(resumed.tokenizer).hash != ds.tokenizer.hash:
         raise ValueError("the checkpoint's tokenizer differs from the one built for this corpus")
+    sample_prompt = [ds.tokenizer.bos_id] + ds.tokenizer.encode(args.sample_prompt)
+    try:
+        check_prompt(sample_prompt, config)
+    except ValueError as e:
+        raise ValueError(f"--sample-prompt: {e}") from None
 
     torch.manual_seed(recipe["seed"])
     model = Transformer(config).to(device)
     opt = make_optimizer(model, recipe, device)
     sampler = BatchSampler(ds.train, recipe["batch_size"], config.max_seq_len, seed=recipe["seed"],
                            rank=rank, world_size=world)
-    step, max_steps = 0, recipe["max_steps"]
+    step, max_steps, timing = 0, recipe["max_steps"], RunClock()
     if resumed is not None:
         model.load_state_dict({k: v.to(device) for k, v in resumed.model.items()}, strict=True)
         load_optimizer_tensors(model, opt, resumed.optimizer or {})
         st = resumed.train_state
-        step, max_steps = st["step"], st["max_steps"]
+        step, max_steps, timing = st["step"], st["max_steps"], RunClock(**st.get("timing", {}))
         sampler.load_state_dict(st["samplers"][rank])
-        say(f"resumed {ckpt_dir} at step {step}/{max_steps}")
+        say(f"resumed {ckpt_dir} at step {step}/{max_steps or '?'}")
     fwd = DistributedDataParallel(model) if ddp else model
     if args.compile:
         fwd = torch.compile(fwd)
 
-    run_dir.mkdir(parents=True, exist_ok=True) if master else None
-    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.md"
     if master:
-        config.save(run_dir / "config.json")
-        if resumed is not None and metrics_path.exists():  # drop records past the checkpoint
-            keep = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            metrics_path.write_text("".join(line + "\n" for line in keep))
-        elif resumed is None:
-            metrics_path.write_text("")
-            samples_path.write_text(f"# Samples from {name}\n\nPrompt: `{args.sample_prompt!r}`, "
-                                    f"temperature 0.8, top-k 50, seed 0.\n")
+        if args.overwrite and (has_ckpt or metrics_path.exists()):
+            say(f"--overwrite: {run_dir} holds a run; starting it over")
+            for old in (ckpt_dir, ckpt_dir.with_name("ckpt.old")):
+                shutil.rmtree(old, ignore_errors=True)
+            (run_dir / "loss.png").unlink(missing_ok=True)
+        write_text(run_dir / "config.json", config.to_json() + "\n")
+        if resumed is not None:  # drop the records and samples that came after the checkpoint
+            if metrics_path.exists():
+                keep = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+                write_text(metrics_path, "".join(line + "\n" for line in keep))
+            if samples_path.exists():
+                write_text(samples_path, truncate_samples(samples_path.read_text(), step))
+        else:
+            write_text(metrics_path, "")
+            write_text(samples_path, f"# Samples from {name}\n\nPrompt: `{args.sample_prompt!r}`, "
+                                     f"temperature 0.8, top-k 50, seed 0.\n")
     say(f"model: {model.num_params():,} parameters ({model.num_params(False):,} without embeddings); "
         f"{config.to_dict()}")
     tokens_per_step = recipe["batch_size"] * config.max_seq_len * recipe["grad_accum"] * world
     flops_per_token = model.flops_per_token(config.max_seq_len)
     peak = matmul_flops(dtype, device)
     say(f"{tokens_per_step:,} tokens/step; matmul peak measured {peak / 1e9:.0f} GFLOP/s ({dtype})")
-    last_good = str(ckpt_dir) if resumed is not None else None
+    last_good = f"{ckpt_dir} (step {step})" if resumed is not None else None
 
     def log(record: dict) -> None:
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def save(step_: int) -> None:
+    def save(step_: int, t_eval: float, scheduled: bool) -> None:
+        """Checkpoint at `step_`; called after the evaluation that began at `t_eval`, which the budget
+        is charged for if the schedule asked for it (an extra one, at a stop, is not)."""
         nonlocal last_good
+        timing.spent_s = (clock() if scheduled else t_eval) - t0
+        if timing.recalibrate_at is not None:
+            timing.since_calibration_s = t_eval - t_calibrated - eval_spent
         if ddp:
             mine = (sampler.state_dict(), param_digest(model))
             gathered = [None] * world if master else None
@@ -350,48 +426,53 @@ def train(args) -> dict:
             samplers = [g[0] for g in gathered] if ddp else [sampler.state_dict()]
             digests = [g[1] for g in gathered] if ddp else None
             state = {"step": step_, "max_steps": max_steps, "recipe": recipe, "samplers": samplers,
-                     "args": {k: v for k, v in vars(args).items()}}
+                     "timing": asdict(timing), "args": {k: v for k, v in vars(args).items()}}
             if ddp:  # proof that the replicas agree: every rank's digest of its parameters
                 state["ddp_param_digests"] = digests
             save_checkpoint(ckpt_dir, model.state_dict(), config, tokenizer=ds.tokenizer.to_dict(),
                             train_state=state, optimizer=optimizer_tensors(model, opt))
-            last_good = f"{ckpt_dir} (step {step_})"
+        last_good = f"{ckpt_dir} (step {step_})"
 
     def run_eval(step_: int) -> dict:
-        t = time.perf_counter()
+        t = clock()
         val_loss, bpb = evaluate(model, ds.val, ds.val_bytes, args.eval_batch_size, dtype, device)
-        prompt = [ds.tokenizer.bos_id] + ds.tokenizer.encode(args.sample_prompt)
-        text = ds.tokenizer.decode(generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=50,
+        text = ds.tokenizer.decode(generate(model, sample_prompt, args.sample_tokens, temperature=0.8, top_k=50,
                                             seed=0, stop_ids=(ds.tokenizer.eos_id,)))
         with open(samples_path, "a") as f:
             f.write(f"\n## step {step_} (val loss {val_loss:.3f}, {bpb:.3f} bits/byte)\n\n```\n"
                     f"{args.sample_prompt}{text}\n```\n")
-        rec = {"step": step_, "val_loss": val_loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t}
+        rec = {"step": step_, "val_loss": val_loss, "val_bpb": bpb, "eval_seconds": clock() - t}
         log(rec)
         return rec
 
+    budget = recipe["max_minutes"] * 60 if recipe["max_minutes"] else float("inf")
+    limit = budget  # the time after which the run stops
+    if timing.spent_s >= budget:
+        limit = float("inf")
+        say(f"its time budget ({recipe['max_minutes']:g} min) is spent: no time limit from here "
+            f"(--max-minutes sets a new total)")
     stop = StopFlag()
     bar = None
     result = {}
-    t0 = time.perf_counter()
-    budget = recipe["max_minutes"] * 60 if recipe["max_minutes"] else float("inf")
-    eval_seconds = 0.0
-    eval_spent = 0.0  # seconds of evaluation (and checkpointing) inside the training loop
-    timing: list[float] = []
-    recalibrate_at, t_calibrated = None, 0.0
+    # The run's clock, carried over from the checkpoint: t0 is when the loop would have started had
+    # it run in one go, t_calibrated when the step count was fixed (evaluations since excluded).
+    t_start = clock()
+    t0, t_calibrated, eval_spent = t_start - timing.spent_s, t_start - timing.since_calibration_s, 0.0
     try:
-        if master and resumed is None:
-            rec = run_eval(0)
-            eval_seconds = rec["eval_seconds"]
-            say(f"step 0: val loss {rec['val_loss']:.3f} (ln V = {math.log(config.vocab_size):.3f}), "
-                f"{rec['val_bpb']:.3f} bits/byte")
+        if resumed is None:
+            if master:
+                rec = run_eval(0)
+                timing.eval_s = rec["eval_seconds"]
+                say(f"step 0: val loss {rec['val_loss']:.3f} (ln V = {math.log(config.vocab_size):.3f}), "
+                    f"{rec['val_bpb']:.3f} bits/byte")
+            save(0, t0, scheduled=True)  # so that a stop or a NaN at any step has a checkpoint to go back to
         if master and not args.no_progress:
             bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         eval_every = max(1, (max_steps or 1) // max(1, args.evals))
         fwd.train()
         ema = None
         while max_steps is None or step < max_steps:
-            t_step = time.perf_counter()
+            t_step = clock()
             lr = lr_at(step, max_steps or 10**9, recipe)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -405,19 +486,20 @@ def train(args) -> dict:
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
                 raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1}; stopping. "
-                                    f"Last good checkpoint: {last_good or 'none yet'}. Try a lower --lr.")
+                                    f"Last good checkpoint: {last_good}. Try a lower --lr.")
             if recipe["clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            dt = time.perf_counter() - t_step
+            now = clock()
+            dt = now - t_step
             ema = loss_sum if ema is None else 0.9 * ema + 0.1 * loss_sum
             tok_s = tokens_per_step / dt
             mfu = flops_per_token * tok_s / (peak * world)
             if step % args.log_interval == 0 or step == max_steps:
                 log({"step": step, "train_loss": loss_sum, "lr": lr, "tok_s": tok_s, "mfu": mfu,
-                     "elapsed": time.perf_counter() - t0})
+                     "elapsed": now - t0})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
@@ -429,14 +511,15 @@ def train(args) -> dict:
             # short of their cosine schedule.
             per_step = None
             if max_steps is None:
-                timing.append(dt)
+                timing.step_s.append(dt)
                 if step == CALIBRATION_STEPS:
-                    per_step, evals_left, floor = float(np.median(timing[1:])), args.evals, recipe["warmup_steps"] + 1
-            elif step == recalibrate_at:
-                per_step = (time.perf_counter() - t_calibrated - eval_spent) / (step - CALIBRATION_STEPS)
+                    per_step = float(np.median(timing.step_s[1:]))
+                    evals_left, floor = args.evals, recipe["warmup_steps"] + 1
+            elif step == timing.recalibrate_at:
+                per_step = (now - t_calibrated - eval_spent) / (step - CALIBRATION_STEPS)
                 evals_left, floor = max(0, args.evals - step // eval_every), step + 1
             if per_step is not None:
-                left = 0.97 * budget - (time.perf_counter() - t0) - evals_left * eval_seconds
+                left = 0.97 * budget - (now - t0) - evals_left * timing.eval_s
                 holder = [max(floor, step + int(left / per_step))]
                 if ddp:
                     dist.broadcast_object_list(holder, src=0)
@@ -444,37 +527,40 @@ def train(args) -> dict:
                     say(f"\n{per_step:.2f} s/step measured: training for {holder[0]} steps "
                         f"(~{recipe['max_minutes']:g} min)")
                     recalibrate_at = min(RECALIBRATION_STEPS, holder[0] // 4)
-                    recalibrate_at = recalibrate_at if recalibrate_at > CALIBRATION_STEPS else None
-                    t_calibrated, eval_spent = time.perf_counter(), 0.0
+                    timing.recalibrate_at = recalibrate_at if recalibrate_at > CALIBRATION_STEPS else None
+                    timing.step_s = []
+                    t_calibrated, eval_spent = clock(), 0.0
                 else:
                     say(f"\n{per_step:.3f} s/step over steps {CALIBRATION_STEPS + 1}-{step}: training for "
                         f"{holder[0]} steps instead of {max_steps}")
-                    recalibrate_at = None
+                    timing.recalibrate_at = None
                 max_steps = holder[0]
                 eval_every = max(1, max_steps // max(1, args.evals))
                 if bar is not None:
                     bar.total = max_steps
-            out_of_time = time.perf_counter() - t0 > budget
-            want_stop = stop.requested or out_of_time or step == args.stop_at_step
+            finished = max_steps is not None and step >= max_steps
+            why = None if finished else stop.reason or (
+                "time budget" if clock() - t0 > limit else "--stop-at-step" if step == args.stop_at_step else None)
             if ddp:
-                flag = torch.tensor([float(want_stop)])
+                flag = torch.tensor([float(why is not None)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                want_stop = bool(flag.item())
-            if max_steps is not None and (step % eval_every == 0 or step == max_steps or want_stop):
-                t_eval = time.perf_counter()
+                why = why or ("another rank" if flag.item() else None)
+            scheduled = max_steps is not None and (step % eval_every == 0 or finished)
+            if scheduled or why is not None:
+                t_eval = clock()
                 if master:
                     rec = run_eval(step)
                     if bar is not None:
                         bar.write(f"step {step}: val loss {rec['val_loss']:.3f}, {rec['val_bpb']:.3f} bits/byte")
                     result = {"step": step, **rec}
-                save(step)
+                save(step, t_eval, scheduled)
                 if ddp:
                     dist.barrier()
-                eval_spent += time.perf_counter() - t_eval
-            if want_stop:
-                why = "Ctrl-C" if stop.requested else ("time budget" if out_of_time else "--stop-at-step")
-                say(f"\nstopped by {why} at step {step}/{max_steps}; checkpoint {ckpt_dir}; "
-                    f"continue with --resume --name {name}")
+                eval_spent += clock() - t_eval
+            if why is not None:
+                where = f"--name {name}" + (f" --out-root {args.out_root}" if args.out_root != "runs" else "")
+                say(f"\nstopped by {why} at step {step}/{max_steps or '?'}; checkpoint {last_good}; "
+                    f"continue with --resume {where}")
                 result["stopped"] = why
                 break
     finally:
@@ -484,8 +570,8 @@ def train(args) -> dict:
     if master:
         plot_metrics(metrics_path, run_dir / "loss.png")
         if "val_bpb" in result:
-            say(f"final: step {step}/{max_steps}, val loss {result['val_loss']:.4f} nats/token, "
-                f"val {result['val_bpb']:.4f} bits/byte, {time.perf_counter() - t0:.0f} s; outputs in {run_dir}")
+            say(f"final: step {step}/{max_steps or '?'}, val loss {result['val_loss']:.4f} nats/token, "
+                f"val {result['val_bpb']:.4f} bits/byte, {clock() - t0:.0f} s; outputs in {run_dir}")
     if ddp:
         dist.destroy_process_group()
     return result
