@@ -5,3 +5,5 @@ Each op is a stateless pair `op_forward(...) -> (out, cache)` / `op_backward(dou
 `gradcheck.py` checks every backward against finite differences and against torch autograd.
 The chapter is `vol1_numpy/README.md`.
 """
+
+import shared  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads, see shared/__init__.py)
