@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,3 +40,27 @@ def test_choose_threads_from_the_flag():
     for bad in ("0", "-1", "two", ""):
         with pytest.raises(ValueError, match="--threads"):
             choose_threads(bad)
+
+
+def openmp_spincount(code: str, **env) -> str:
+    """GOMP_SPINCOUNT as the OpenMP runtime torch loads reports it (OMP_DISPLAY_ENV) in a fresh
+    interpreter running `code`: 300000 when threads spin before they sleep, 0 when they wait passively."""
+    child_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    child_env.update(OMP_DISPLAY_ENV="VERBOSE", **env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr)
+    if found is None:
+        pytest.skip("torch's OpenMP runtime is not libgomp here (no GOMP_SPINCOUNT in OMP_DISPLAY_ENV)")
+    return found.group(1)
+
+
+@pytest.mark.parametrize("package", ["vol1_numpy", "vol2_torch", "vol3_inference"])
+def test_every_volume_makes_openmp_threads_wait_passively(package):
+    """Importing a volume before torch makes torch's OpenMP threads sleep instead of spinning while they
+    wait (a spinning thread stalls every op when another process holds a core); a user's own
+    OMP_WAIT_POLICY wins."""
+    assert openmp_spincount("import torch") != "0"  # the runtime's default: spin first
+    assert openmp_spincount(f"import {package}, torch") == "0"
+    assert openmp_spincount(f"import {package}, torch", OMP_WAIT_POLICY="ACTIVE") != "0"
