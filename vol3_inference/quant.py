@@ -87,7 +87,9 @@ def quantize_int8(w: torch.Tensor) -> tuple[Int8Weight, float]:
 
 
 def _dequant(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
-    return F.linear(x, w.dequantize(x.dtype))
+    # q * s in float32, rounded once to x's dtype: in fp16 a small scale s is subnormal (under 6.1e-5)
+    # and q * s computed there would lose most of its bits (hypothesis found one off by 4x the bound)
+    return F.linear(x, w.dequantize().to(x.dtype))
 
 
 def _w8a16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
