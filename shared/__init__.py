@@ -5,9 +5,8 @@ environment already sets it. It must be set before torch loads its OpenMP runtim
 once, at load), which is why it lives here and not in `shared.threads`. With the default policy an
 OpenMP thread spins while it waits for the others; when another process holds one of a 2-core
 machine's cores, the thread on that core is descheduled mid-op and its partner spins through its
-time slice. Measured on a 2-core AMD EPYC (AVX2) with `yes` pinned to one core, two threads: a
-training step took 3.4x its idle time with the default policy and 2.0x with PASSIVE, batched decode
-3.6x and 1.8x; on an idle machine the two policies were within run-to-run noise (vol2_torch/README.md,
+time slice. `make vol2-bench ARGS="--dtype fp32"` on a 2-core AMD EPYC (AVX2) with `yes` pinned to
+one core: 2.2x its idle time per training step with PASSIVE, 3.2x with ACTIVE (vol2_torch/README.md,
 "Under load"). A process that imported torch before this package keeps its own policy.
 """
 

@@ -437,7 +437,8 @@ def print_int8(r: dict) -> None:
         say(f"  {k:16s} {tq[k]:12.1f} {tq[k] / tq['fp32']:7.2f}x {bpb} {agree:>45s}")
     fused = [k for k, on in q.get("fused", {}).items() if on and k in tq]
     if fused:
-        say(f"  ({' and '.join(fused)} decode in the fused C step; the other routes op by op)")
+        rest = "; the other routes op by op" if len(fused) < len(tq) else ""
+        say(f"  ({' and '.join(fused)} decode in the fused C step{rest})")
     if b:
         say(f"  (bpb over the first {b['val_tokens']:,} validation tokens, windows of 256)")
     else:
