@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from shared.config import ModelConfig
 from vol2_torch.model import Transformer
 from vol3_inference.engine import Engine, ModelWeights
-from vol3_inference.quant import INT8_ROUTE, INT8_ROUTES, Int8Weight, int8_linear, quantize_int8
+from vol3_inference.quant import INT8_ROUTES, Int8Weight, int8_linear, quantize_int8
 
 # Tolerance against the dequantize reference, as a fraction of sum_j |x_j| |W'_rj| (the largest |y_r|
 # the inputs could give), per activation dtype: fp32 sums only reorder (w8a16's int16 rounding of the
@@ -121,6 +121,8 @@ def test_int8_linear_close_to_float_linear():
     assert torch.all((int8_linear(x, qw) - y_float).abs() <= weight_bound + route_bound + 1e-6)
     with pytest.raises(ValueError, match="unknown int8 route"):
         int8_linear(x, qw, "int4")
+    with pytest.raises(ValueError, match="unknown int8 route"):
+        quantize_int8(w, route="int4")
     with pytest.raises(ValueError, match="2-D float"):
         quantize_int8(torch.ones(3, dtype=torch.float32))
 
@@ -172,7 +174,6 @@ def check_small_models() -> list[str]:
     logit is within LOGIT_TOL of the float logits' spread; (2) its tokens are the float model's greedy
     tokens up to the first position where the float model's top-2 margin is under twice that
     tolerance (there the two may pick differently, and their sequences part)."""
-    from vol3_inference.quant import int8_route
     from vol3_inference.sampling import SamplingParams
     from vol3_inference.scheduler import LLM
 
@@ -184,29 +185,29 @@ def check_small_models() -> list[str]:
         prompts = [[1 + (7 * i + j) % 90 for j in range(3 + 2 * i)] for i in range(7)]  # 3..15 tokens
         fp_out = [o.token_ids for o in LLM(weights).generate(prompts, greedy)]
         for route in (None, *INT8_ROUTES):
+            routed = qweights if route is None else qweights.with_int8_route(route)
             for batch in (prompts[:1], prompts):
                 where = f"dim {dim}, route {route or 'default'}, batch {len(batch)}"
-                with int8_route(route or INT8_ROUTE):
-                    outs = LLM(qweights).generate(batch, greedy)
-                    for i, (prompt, out) in enumerate(zip(batch, outs, strict=True)):
-                        if out.error or len(out.token_ids) != greedy.max_tokens:
-                            problems.append(f"{where}: request {i} gave {out.error or out.token_ids}")
-                            continue
-                        seq = prompt + out.token_ids
-                        ref = Engine(weights).prefill("r", seq[:-1], all_logits=True)[len(prompt) - 1:]
-                        got = Engine(qweights).prefill("q", seq[:-1], all_logits=True)[len(prompt) - 1:]
-                        tol = LOGIT_TOL * (ref.amax(-1) - ref.amin(-1))  # (n,)
-                        err = (got - ref).abs().amax(-1)
-                        if not torch.isfinite(got).all() or torch.any(err > tol):
-                            problems.append(f"{where}: request {i} logit error {err.max().item():.3g} "
-                                            f"past the tolerance {tol.min().item():.3g}")
-                            continue
-                        top2 = ref.topk(2, dim=-1).values
-                        close = ((top2[:, 0] - top2[:, 1]) < 2 * tol).tolist() + [True]
-                        n_sure = close.index(True)  # positions before the first near-tie
-                        if out.token_ids[:n_sure] != fp_out[i][:n_sure]:
-                            problems.append(f"{where}: request {i} tokens {out.token_ids} vs float "
-                                            f"{fp_out[i]} (first near-tie at {n_sure})")
+                outs = LLM(routed).generate(batch, greedy)
+                for i, (prompt, out) in enumerate(zip(batch, outs, strict=True)):
+                    if out.error or len(out.token_ids) != greedy.max_tokens:
+                        problems.append(f"{where}: request {i} gave {out.error or out.token_ids}")
+                        continue
+                    seq = prompt + out.token_ids
+                    ref = Engine(weights).prefill("r", seq[:-1], all_logits=True)[len(prompt) - 1:]
+                    got = Engine(routed).prefill("q", seq[:-1], all_logits=True)[len(prompt) - 1:]
+                    tol = LOGIT_TOL * (ref.amax(-1) - ref.amin(-1))  # (n,)
+                    err = (got - ref).abs().amax(-1)
+                    if not torch.isfinite(got).all() or torch.any(err > tol):
+                        problems.append(f"{where}: request {i} logit error {err.max().item():.3g} "
+                                        f"past the tolerance {tol.min().item():.3g}")
+                        continue
+                    top2 = ref.topk(2, dim=-1).values
+                    close = ((top2[:, 0] - top2[:, 1]) < 2 * tol).tolist() + [True]
+                    n_sure = close.index(True)  # positions before the first near-tie
+                    if out.token_ids[:n_sure] != fp_out[i][:n_sure]:
+                        problems.append(f"{where}: request {i} tokens {out.token_ids} vs float "
+                                        f"{fp_out[i]} (first near-tie at {n_sure})")
     return problems
 
 

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 
 from shared.cli import ArgumentParser, fail
 from shared.config import ModelConfig, get_preset
+from shared.device import DTYPES, pick_device
 from shared.results import describe_machine, machine, write_json
-from vol2_torch.device import DTYPES, pick_device
 from vol2_torch.hf import hf_config_dict, to_hf_state
 from vol2_torch.model import Transformer
 

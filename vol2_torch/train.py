@@ -4,7 +4,7 @@ The recipe (Touvron et al. 2023, section 2.2, scaled down): AdamW (beta2 0.95), 
 cosine decay to 10% of the peak learning rate, gradient clipping at 1.0, weight decay 0.1 on every
 matrix (the tied embedding/LM head included, as in GPT-2/nanoGPT) and none on the RMSNorm gains.
 Mixed precision by autocast with fp32 master weights where the hardware has fast bf16 (`--dtype auto`
-measures it; see vol2_torch/device.py).
+measures it; see shared/device.py).
 
 By default the run is sized by wall-clock: `--max-minutes` (10) of training after data preparation.
 The number of optimizer steps is fixed after CALIBRATION_STEPS from the measured time per step, and
@@ -56,10 +56,10 @@ from shared.cli import ArgumentParser, fail
 from shared.config import PRESETS, ModelConfig, get_preset
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
+from shared.device import matmul_flops, pick_device, pick_dtype
 from shared.results import save_figure, write_text
 from shared.threads import TRAIN_PROBE, choose_threads
 from shared.tokenizer import Tokenizer
-from vol2_torch.device import matmul_flops, pick_device, pick_dtype
 from vol2_torch.model import Transformer
 from vol2_torch.sample import check_prompt, generate
 

@@ -40,13 +40,12 @@ import torch.nn.functional as F
 
 from shared.cli import ArgumentParser, fail
 from shared.config import get_preset
+from shared.device import pick_device
 from shared.results import describe_machine, machine, save_figure, write_json
 from shared.threads import choose_threads
-from vol2_torch.device import pick_device
 from vol2_torch.model import Transformer
 from vol3_inference.engine import Engine, ModelWeights, generate_naive, tune_allocator
 from vol3_inference.kv_cache import kv_bytes_per_token
-from vol3_inference.quant import INT8_ROUTE, int8_route
 from vol3_inference.sampling import SamplingParams
 from vol3_inference.scheduler import Scheduler
 
@@ -209,34 +208,28 @@ def int8_routes(device: torch.device) -> tuple[str, ...]:
 
 def bench_int8(weights, qweights, prompts: list[list[int]], n_new: int, rounds: int,
                val=None, tokenizer=None, val_tokens: int = 0, seq_len: int = 256) -> dict:
-    fp, q8 = Engine(weights), Engine(qweights)
+    routes = int8_routes(qweights.device)
+    fp = Engine(weights)
+    q8 = {r: Engine(qweights.with_int8_route(r)) for r in routes}
     greedy = SamplingParams(max_tokens=n_new, ignore_eos=True)
-
-    def run_route(route):
-        with int8_route(route):
-            return q8.generate(prompts[0], greedy)
-
     ref = [fp.generate(p, greedy) for p in prompts]
     prefixes = {}
-    routes = int8_routes(qweights.device)
     for r in routes:  # also the warm-up
-        with int8_route(r):
-            prefixes[r] = [_common_prefix(a, q8.generate(p, greedy)) for a, p in zip(ref, prompts, strict=True)]
+        prefixes[r] = [_common_prefix(a, q8[r].generate(p, greedy)) for a, p in zip(ref, prompts, strict=True)]
     fns = {"fp32": lambda: fp.generate(prompts[0], greedy)}
-    fns.update({r: (lambda r=r: run_route(r)) for r in routes})
+    fns.update({r: (lambda r=r: q8[r].generate(prompts[0], greedy)) for r in routes})
     rates = median_rates(fns, rounds, n_new)
     out = {"linear_bytes": {"fp32": weights.linear_bytes(), "int8": qweights.linear_bytes()},
            "total_bytes": {"fp32": weights.total_bytes(), "int8": qweights.total_bytes()},
-           "tok_s": rates, "default_route": INT8_ROUTE, "max_weight_error": qweights.quant_max_error,
-           "fused": {"fp32": fp.fused is not None, "w8a16": q8.fused is not None},
+           "tok_s": rates, "default_route": qweights.int8_route, "max_weight_error": qweights.quant_max_error,
+           "fused": {"fp32": fp.fused is not None, **{r: e.fused is not None for r, e in q8.items()}},
            "greedy_common_prefix": {r: {"min": min(v), "median": statistics.median(v), "of": n_new,
                                         "prompts": len(prompts)} for r, v in prefixes.items()}}
     if val is not None:
         t0 = time.perf_counter()
         bpb = {"fp32": validation_bpb(weights, val, tokenizer, val_tokens, seq_len)}
         for r in routes:
-            with int8_route(r):
-                bpb[r] = validation_bpb(qweights, val, tokenizer, val_tokens, seq_len)
+            bpb[r] = validation_bpb(qweights.with_int8_route(r), val, tokenizer, val_tokens, seq_len)
         out["val_bpb"] = {**bpb, "val_tokens": val_tokens}
         say(f"  (validation bpb on {val_tokens:,} tokens, {len(bpb)} variants, took {time.perf_counter() - t0:.0f} s)")
     return out
@@ -339,11 +332,10 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
                      "walls": [t[key]["wall_s"] for t in tries]}
     # The same scheduler on int8 weights, on the default route, the one the fused step runs; its
     # tokens may differ from fp32's, so not in `same`.
-    route = INT8_ROUTE
-    with int8_route(route):
-        runs["continuous int8"] = run_serving(weights.quantize(), work, max_batch=max_batch,
-                                              policy="continuous", max_step_tokens=512)
-    runs["continuous int8"]["route"] = route
+    qweights = weights.quantize()
+    runs["continuous int8"] = run_serving(qweights, work, max_batch=max_batch, policy="continuous",
+                                          max_step_tokens=512)
+    runs["continuous int8"]["route"] = qweights.int8_route
     swept = []  # [{"slots": n, policy key: run, ...}], a list so the JSON keeps ints
     for slots in sorted(set(sweep) - {max_batch}):
         say(f"  ... the batched policies with {slots} batch slots")
@@ -719,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"machine: {describe_machine(results['machine'])}")
     say(f"torch {torch.__version__}, device {gpu or args.device}, {args.threads} thread(s), "
         f"read bandwidth {args.bandwidth:.1f} GB/s, "
-        f"int8 route {INT8_ROUTE}, glibc malloc thresholds raised: {malloc_tuned}")
+        f"int8 route w8a16, glibc malloc thresholds raised: {malloc_tuned}")
 
     if "trained" in models and ensure_trained(Path(args.ckpt), not args.no_train):
         from shared.tokenizer import Tokenizer

@@ -41,7 +41,6 @@ import torch
 
 from shared.config import ModelConfig
 from vol2_torch.model import precompute_rope
-from vol3_inference import quant
 from vol3_inference.kv_cache import PagedKVCache
 from vol3_inference.ops import get_ops
 from vol3_inference.quant import Int8Weight, quantize_int8
@@ -122,8 +121,9 @@ class ModelWeights:
         dtype = dtype or next(model.parameters()).dtype
         return cls.from_state_dict(model.state_dict(), model.config, dtype)
 
-    def quantize(self, lm_head: bool = True) -> ModelWeights:
-        """A copy with every linear weight int8 (per-channel absmax, see quant.py); norms stay float.
+    def quantize(self, lm_head: bool = True, route: str = "w8a16") -> ModelWeights:
+        """A copy with every linear weight int8 (per-channel absmax, see quant.py), multiplied by
+        `route` (`quant.INT8_ROUTES`); norms stay float.
 
         With `lm_head`, the LM head is quantized too, and with tied embeddings the embedding lookup
         reads the same int8 rows (row r of the LM head is token r's embedding, and its scale is that
@@ -132,7 +132,7 @@ class ModelWeights:
         errs = []
 
         def q(w):
-            qw, err = quantize_int8(w)
+            qw, err = quantize_int8(w, route)
             errs.append(err)
             return qw
 
@@ -156,13 +156,28 @@ class ModelWeights:
         here = self.device
         if device.type == here.type and device.index in (None, here.index):  # "cuda" is "cuda:0" here
             return self
-        moved: dict[int, Weight] = {}
+        return self._map(lambda w: (Int8Weight(w.q.to(device), w.scale.to(device), w.route)
+                                    if isinstance(w, Int8Weight) else w.to(device)))
+
+    def with_int8_route(self, route: str) -> ModelWeights:
+        """These weights with every int8 matrix multiplied by `route` instead (the tensors are shared,
+        not copied): what the bench uses to compare routes on one model.
+        Raises ValueError for an unknown route."""
+        return self._map(lambda w: Int8Weight(w.q, w.scale, route) if isinstance(w, Int8Weight) else w)
+
+    @property
+    def int8_route(self) -> str | None:
+        """The route of the int8 matrices (None if there are none)."""
+        return next((w.route for w in self._linears() if isinstance(w, Int8Weight)), None)
+
+    def _map(self, fn) -> ModelWeights:
+        """A ModelWeights with fn(w) for every weight, once per distinct tensor (tied ones stay tied)."""
+        done: dict[int, Weight] = {}
 
         def mv(w):
-            if id(w) not in moved:
-                moved[id(w)] = (Int8Weight(w.q.to(device), w.scale.to(device)) if isinstance(w, Int8Weight)
-                                else w.to(device))
-            return moved[id(w)]
+            if id(w) not in done:
+                done[id(w)] = fn(w)
+            return done[id(w)]
 
         layers = [LayerWeights(*(mv(getattr(L, f)) for f in ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2")))
                   for L in self.layers]
@@ -226,6 +241,8 @@ class Engine:
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
         real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
         self.rope_freqs = torch.complex(cos.to(real), sin.to(real)).to(self.device)  # cos + i sin, (max_seq_len, hd/2)
+        # The fused step's int8 matmul is the w8a16 route's: weights on another route run op by op.
+        fused = fused and weights.int8_route in (None, "w8a16")
         self.fused = self.ops.fused_step(weights, self.cache.k, self.cache.v, self.rope_freqs) if fused else None
         self._ids = itertools.count()
 
@@ -272,10 +289,9 @@ class Engine:
             self._refuse(chunks)
         # The cache slots come from mgr.append_many below, which raises OutOfBlocks changing nothing.
         dev = self.device
-        if self.fused is not None and chunks and (not self.fused.int8 or quant.INT8_ROUTE == "w8a16"):
+        if self.fused is not None and chunks:
             # The whole step in one C call (cpu_kernels.FusedStep), rows in the caller's chunk order
-            # (the C step reads each row's own blocks, whatever the order). Its int8 matmul is the w8a16
-            # route's, so under another route (the bench compares them) the step runs op by op.
+            # (the C step reads each row's own blocks, whatever the order).
             bounds = list(itertools.accumulate(sizes, initial=0))
             tokens = list(itertools.chain.from_iterable(ch.tokens for ch in chunks))
             positions = list(itertools.chain.from_iterable(map(range, starts, ends)))

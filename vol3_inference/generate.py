@@ -18,12 +18,12 @@ import time
 import torch
 
 from shared.cli import ArgumentParser, fail
+from shared.device import pick_device
 from shared.threads import choose_threads
-from vol2_torch.device import pick_device
 from vol3_inference.engine import tune_allocator
 from vol3_inference.load import QUANT_MODES
 from vol3_inference.ops import BACKENDS
-from vol3_inference.quant import INT8_ROUTE, INT8_ROUTES, int8_route
+from vol3_inference.quant import INT8_ROUTES
 from vol3_inference.sampling import SamplingParams
 from vol3_inference.scheduler import LLM, RequestError
 
@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--quant", choices=[q for q in QUANT_MODES if q], default=None,
                    help="int8 weights: every linear ('int8') or all but the LM head ('int8-body')")
-    p.add_argument("--int8-route", choices=sorted(INT8_ROUTES), default=INT8_ROUTE,
+    p.add_argument("--int8-route", choices=sorted(INT8_ROUTES), default="w8a16",
                    help="how int8 matmuls run (see python -m vol3_inference.quant)")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads on CPU, or 'auto': time 1 vs 2 on a matmul and keep the faster (2 unless 1 is over 25%% faster)")
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
                                  repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens,
                                  seed=None if args.seed is None else args.seed + i, stop=tuple(args.stop))
                   for i in range(len(args.prompt))]
-        llm = LLM.from_path(args.ckpt, quant=args.quant, device=device, backend=args.backend)
+        llm = LLM.from_path(args.ckpt, quant=args.quant, device=device, backend=args.backend,
+                            int8_route=args.int8_route)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         return fail(str(e).splitlines()[0])
     if llm.tokenizer is None:
         return fail(f"{args.ckpt} has no tokenizer; text prompts need one")
-    with int8_route(args.int8_route):
-        return _run(llm, args, params)
+    return _run(llm, args, params)
 
 
 def _run(llm: LLM, args, params: list[SamplingParams]) -> int:

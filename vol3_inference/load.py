@@ -20,9 +20,9 @@ QUANT_MODES = (None, "int8", "int8-body")  # int8-body: every linear but the LM 
 
 
 def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant: str | None = None,
-                 device: torch.device | str = "cpu") -> tuple[ModelWeights, Tokenizer | None]:
+                 device: torch.device | str = "cpu", int8_route: str = "w8a16") -> tuple[ModelWeights, Tokenizer | None]:
     """(weights, tokenizer or None) from a checkpoint directory or a Hugging Face Llama folder, on
-    `device` (quantized, if asked, before they move).
+    `device` (quantized, if asked, before they move; int8 matrices multiplied by `int8_route`).
 
     Raises:
         FileNotFoundError: `path` is neither kind of folder.
@@ -51,5 +51,5 @@ def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant:
                          f"vocab_size is {config.vocab_size}; they must match")
     weights = ModelWeights.from_state_dict(state, config, dtype)
     if quant is not None:
-        weights = weights.quantize(lm_head=quant == "int8")
+        weights = weights.quantize(lm_head=quant == "int8", route=int8_route)
     return weights.to(device), tokenizer

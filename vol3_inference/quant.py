@@ -31,13 +31,13 @@ the whole server down, so it is gone, and so is fbgemm's int8 x int8 route that 
 private quantized-tensor constructors. `tests/test_vol3_quant.py` sweeps every route over widths
 8..264 and rows 1..9 in a child process, so a crash there is a failing test with a name.
 
-`int8_linear` uses the module-level `INT8_ROUTE` ("w8a16"), or the route it is given.
+The route is a field of each `Int8Weight` ("w8a16" unless asked otherwise), so two models in one
+process can use different routes and nothing global changes under a running engine.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -52,10 +52,16 @@ from vol3_inference import cpu_kernels
 
 @dataclass
 class Int8Weight:
-    """A quantized linear weight: q (out, in) int8 and scale (out,) float32; W ~= q * scale[:, None]."""
+    """A quantized linear weight: q (out, in) int8 and scale (out,) float32; W ~= q * scale[:, None].
+    `route` is how `int8_linear` multiplies by it (a key of `INT8_ROUTES`)."""
 
     q: torch.Tensor
     scale: torch.Tensor
+    route: str = "w8a16"
+
+    def __post_init__(self) -> None:
+        if self.route not in INT8_ROUTES:
+            raise ValueError(f"unknown int8 route {self.route!r}; choose one of: {', '.join(INT8_ROUTES)}")
 
     @property
     def shape(self) -> torch.Size:
@@ -69,11 +75,11 @@ class Int8Weight:
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[Int8Weight, float]:
+def quantize_int8(w: torch.Tensor, route: str = "w8a16") -> tuple[Int8Weight, float]:
     """Quantize a float weight (out, in) per output channel; return (Int8Weight, max |W - q s|).
 
     An all-zero row gets scale 1 (its q is 0, so it reconstructs exactly).
-    Raises ValueError for a weight that is not 2-D or not floating point.
+    Raises ValueError for a weight that is not 2-D or not floating point, or an unknown route.
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_int8 expects a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
@@ -81,7 +87,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[Int8Weight, float]:
     absmax = wf.abs().amax(dim=1)  # (out,)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))  # (out,)
     q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
-    qw = Int8Weight(q.contiguous(), scale.contiguous())
+    qw = Int8Weight(q.contiguous(), scale.contiguous(), route)
     max_err = (qw.dequantize() - wf).abs().max().item()
     return qw, max_err
 
@@ -104,26 +110,13 @@ def _w8a16(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 
 
 INT8_ROUTES = {"dequant": _dequant, "w8a16": _w8a16}
-INT8_ROUTE = "w8a16"  # the fast route where it runs; it falls back to "dequant" by itself
-
-
-@contextlib.contextmanager
-def int8_route(route: str):
-    """Temporarily make `route` the default for `int8_linear` (the benchmark compares routes)."""
-    global INT8_ROUTE
-    if route not in INT8_ROUTES:
-        raise ValueError(f"unknown int8 route {route!r}; choose one of: {', '.join(INT8_ROUTES)}")
-    saved, INT8_ROUTE = INT8_ROUTE, route
-    try:
-        yield
-    finally:
-        INT8_ROUTE = saved
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, route: str | None = None) -> torch.Tensor:
-    """y = x @ (q * s)^T for x (..., in) -> (..., out), by `route` (default: `INT8_ROUTE`)."""
+    """y = x @ (q * s)^T for x (..., in) -> (..., out), by `route` (default: the weight's own).
+    Raises ValueError for an unknown route."""
     try:
-        fn = INT8_ROUTES[route or INT8_ROUTE]
+        fn = INT8_ROUTES[route or w.route]
     except KeyError:
         raise ValueError(f"unknown int8 route {route!r}; choose one of: {', '.join(INT8_ROUTES)}") from None
     return fn(x, w)

@@ -407,12 +407,12 @@ class LLM:
 
     @classmethod
     def from_path(cls, path, *, dtype: torch.dtype = torch.float32, quant: str | None = None,
-                  device: torch.device | str = "cpu", **kw) -> LLM:
+                  device: torch.device | str = "cpu", int8_route: str = "w8a16", **kw) -> LLM:
         """Load a Volume 2 checkpoint directory or a Hugging Face Llama folder (see `load.py`) onto
         `device`."""
         from vol3_inference.load import load_weights
 
-        weights, tokenizer = load_weights(path, dtype=dtype, quant=quant, device=device)
+        weights, tokenizer = load_weights(path, dtype=dtype, quant=quant, device=device, int8_route=int8_route)
         return cls(weights, tokenizer, **kw)
 
     def _encode(self, prompt) -> list[int]:
