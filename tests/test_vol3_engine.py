@@ -17,7 +17,7 @@ from vol2_torch.model import Transformer
 from vol3_inference import cpu_kernels
 from vol3_inference.engine import Chunk, Engine, ModelWeights, gemv_layout, generate_naive
 from vol3_inference.kv_cache import OutOfBlocks
-from vol3_inference.ops import CpuGemvOps, CpuOps, TorchOps, get_ops
+from vol3_inference.ops import CpuOps, TorchOps, get_ops
 from vol3_inference.sampling import SamplingParams
 
 FP32_TOL = dict(atol=2e-5, rtol=1e-5)  # fp32: same math, different summation order
@@ -31,7 +31,7 @@ LAYOUTS = {"mha": BASE.replace(n_kv_heads=6), "gqa": BASE, "mqa": BASE.replace(n
 NO_CPU_KERNELS = cpu_kernels.unavailable("ops_avx2")
 BACKENDS = ["torch", *(pytest.param(b, marks=pytest.mark.skipif(
     NO_CPU_KERNELS is not None, reason=f"C kernels unavailable here: {NO_CPU_KERNELS}"))
-    for b in ("cpu", "cpu-op-by-op", "cpu-gemv"))]
+    for b in ("cpu", "cpu-op-by-op"))]
 
 
 def engine_for(weights: ModelWeights, backend: str, **kw) -> Engine:
@@ -135,8 +135,6 @@ def test_backend_switch():
     assert get_ops("torch") is TorchOps
     assert get_ops("auto") is (CpuOps if NO_CPU_KERNELS is None else TorchOps)
     assert get_ops("auto", "meta") is TorchOps  # the C kernels are for the CPU only
-    if NO_CPU_KERNELS is None:
-        assert get_ops("cpu-gemv") is CpuGemvOps
     with pytest.raises(ValueError, match="unknown backend 'cuda-magic'.*torch"):
         get_ops("cuda-magic")
 

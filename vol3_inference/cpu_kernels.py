@@ -6,7 +6,7 @@ Two small libraries in `kernels/`:
     float32 activations (see `quant.py` and chapter 3, "int8 weights").
   * `ops_avx2.c`, RMSNorm, RoPE with the cache write, and paged decode attention as single calls:
     the "cpu" backend of `ops.py`, which cuts the per-op dispatch cost that dominates a small model's
-    decode step (and a fp32 decode GEMV for the opt-in "cpu-gemv" backend); and the fused step,
+    decode step; and the fused step,
     `forward_step_f32` (`FusedStep` here), a whole engine step in one call, with a matmul on packed
     weights. It is linked with `w8a16_avx2.c` (`LINKED`) for its int8 matrices. And `argmax_rows`,
     the greedy tokens of a step's logits rows (`sampling.greedy_tokens`, whatever the backend).
@@ -42,7 +42,6 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # library -> {function: argument types}
     "w8a16_avx2": {"w8a16_linear_f32": [_P] * 6 + [_I] * 4},
     "ops_avx2": {"rmsnorm_f32": [_P] * 3 + [_I] * 2 + [_F],
-                 "gemv_colmajor_f32": [_P] * 3 + [_I] * 4,
                  "rope_qkv_cache_f32": [_P] * 7 + [_I] * 6,
                  "paged_decode_attention_f32": [_P] * 7 + [_I] * 8 + [_F],
                  "matmul_packed_f32": [_P] * 3 + [_I] * 5,
@@ -242,34 +241,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = F
     weight = weight.contiguous()
     y = torch.empty_like(x)
     lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
-    return y
-
-
-def is_colmajor(w: torch.Tensor) -> bool:
-    """w (N, K) stored column-major, i.e. w.t() contiguous (strides of size-1 dims do not matter)."""
-    N, K = w.shape
-    return (N == 1 or w.stride(0) == 1) and (K == 1 or w.stride(1) == N)
-
-
-def gemv_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    if type(weight) is not torch.Tensor or x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        return "x (M, K) and a column-major weight tensor (N, K) of the same K expected"
-    if (not _f32_cpu(x) or weight.dtype is not torch.float32 or not weight.is_cpu
-            or not is_colmajor(weight)):
-        return "contiguous float32 x and a column-major float32 weight on the CPU expected"
-    return None
-
-
-def gemv_colmajor(x: torch.Tensor, weight: torch.Tensor, checked: bool = False) -> torch.Tensor:
-    """x (M, K) @ weight.T -> (M, N) for a float32 weight (N, K) stored column-major (strides (1, N),
-    as `engine.gemv_layout` stores it); x float32 contiguous on the CPU. Meant for a few rows
-    (decode): each row streams the whole weight. Raises ValueError for other inputs."""
-    lib = _lib("ops_avx2")
-    if not checked:
-        _fail("gemv_colmajor", gemv_problem(x, weight))
-    (M, K), N = x.shape, weight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    lib.gemv_colmajor_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, _threads_for(N * K))
     return y
 
 

@@ -11,8 +11,8 @@ Backends. `get_ops("torch")` returns `TorchOps`. A faster backend subclasses `To
 the ops it accelerates, and registers itself in `BACKENDS`; everything it does not override (or an
 input it does not take) falls back to the reference, and tests run both backends on the same inputs
 and compare. `CpuOps` ("cpu") is the first: RMSNorm and paged decode attention as single C calls
-(`cpu_kernels.py`), for float32 on an x86 CPU with AVX2; `CpuGemvOps` ("cpu-gemv", opt-in) adds a
-C fp32 decode GEMV, measured about even with MKL. Triton kernels for GPUs plug in the same way. The engine resolves its backend once, from a string ("auto": see `get_ops`), so configs stay
+(`cpu_kernels.py`), for float32 on an x86 CPU with AVX2. (A C fp32 decode GEMV was a third backend,
+"cpu-gemv"; measured about even with MKL's, it was deleted.) GPU kernels would plug in the same way. The engine resolves its backend once, from a string ("auto": see `get_ops`), so configs stay
 serializable.
 
 Shape legend:
@@ -205,26 +205,7 @@ class CpuOps(TorchOps):
         return None
 
 
-class CpuGemvOps(CpuOps):
-    """`CpuOps` plus the fp32 decode GEMV in C (at most GEMV_MAX_ROWS rows; column-major weights, as
-    the engine stores them). It adds four scaled rows of W^T at a time into y, which stays in L1/L2.
-    Measured (`python -m vol3_inference.probes gemv`), it is about even with MKL's `sgemm` in a decode
-    step (0.97-1.01x on the trained model's size and on seed512's, whose weights come from DRAM,
-    over two runs of the probe), so it is opt-in (backend "cpu-gemv") and "auto" leaves the GEMV to MKL."""
-
-    name = "cpu-gemv"
-    GEMV_MAX_ROWS = 4  # above this many rows MKL's GEMM wins (each row re-streams the weight here)
-    fused_step = TorchOps.fused_step  # none: this backend is the op-by-op GEMV, measured by `probes gemv`
-
-    @classmethod
-    def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-        # decode-sized products the kernel takes (float32, column-major weights) go to it
-        if x.shape[0] <= cls.GEMV_MAX_ROWS and cpu_kernels.gemv_problem(x, weight) is None:
-            return cpu_kernels.gemv_colmajor(x, weight, checked=True)
-        return TorchOps.linear(x, weight)
-
-
-BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps, "cpu-gemv": CpuGemvOps}
+BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps}
 
 
 
@@ -240,7 +221,7 @@ def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[
             cpu_kernels.warn_once(f"the engine's C kernels cannot run here ({why}); using the PyTorch ops")
             return TorchOps
         return CpuOps
-    if backend.startswith("cpu") and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
+    if backend == "cpu" and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
         raise ValueError(f"backend 'cpu' cannot run here: {why}")
     try:
         return BACKENDS[backend]

@@ -8,9 +8,6 @@
  *   rope_qkv_cache_f32: split the fused qkv rows, rotate q and k by their positions' angles (RoPE,
  *     Su et al. 2021, eq. 34, Meta's interleaved pairs: (x0 + i x1)(cos + i sin)), and store k and v
  *     in their cache slots; the rotated q, k and v also go to `out` for attention.
- *   gemv_colmajor_f32: y = x @ W^T for a few rows x, with W stored column-major (the engine's fp32
- *     layout, engine.gemv_layout): four rows of W^T per pass are scaled by their x and added into y,
- *     which stays in L1/L2, so the weights stream through once, in order, with a software prefetch.
  *   paged_decode_attention_f32: one query token per sequence against its cached keys and values,
  *     read in place through the block table (Kwon et al. 2023, PagedAttention, section 4.1): no
  *     gather, no padding. Softmax in two passes over a score buffer (max, then exp and sum).
@@ -90,47 +87,6 @@ void rmsnorm_f32(const float *x, const float *w, float *y, int64_t N, int64_t D,
         for (int64_t i = 0; i < D; i += 8)
             _mm256_storeu_ps(y + n * D + i,
                              _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), inv), _mm256_loadu_ps(w + i)));
-    }
-}
-
-/* Columns [n0, n1) of y (N,) = x (K,) @ wt, wt (K, N) row-major. */
-static void gemv_cols(const float *x, const float *wt, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-    int64_t n8 = n0 + (n1 - n0) / 8 * 8;
-    memset(y + n0, 0, (n1 - n0) * sizeof(float));
-    int64_t k = 0;
-    for (; k + 4 <= K; k += 4) {
-        const float *r0 = wt + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
-        __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
-        __m256 x2 = _mm256_set1_ps(x[k + 2]), x3 = _mm256_set1_ps(x[k + 3]);
-        for (int64_t n = n0; n < n8; n += 8) {
-            _mm_prefetch((const char *)(r0 + n + 4 * N), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r1 + n + 4 * N), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r2 + n + 4 * N), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r3 + n + 4 * N), _MM_HINT_T0);
-            __m256 acc = _mm256_loadu_ps(y + n);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + n), x0, acc);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + n), x1, acc);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + n), x2, acc);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + n), x3, acc);
-            _mm256_storeu_ps(y + n, acc);
-        }
-        for (int64_t n = n8; n < n1; n++) y[n] += r0[n] * x[k] + r1[n] * x[k + 1] + r2[n] * x[k + 2] + r3[n] * x[k + 3];
-    }
-    for (; k < K; k++)
-        for (int64_t n = n0; n < n1; n++) y[n] += wt[k * N + n] * x[k];
-}
-
-/* x (M, K), y (M, N); wt (K, N) row-major, i.e. W (N, K) stored column-major. Any N, K. Rows go one
- * after another, each streaming the weights (for a few rows: the opt-in "cpu-gemv" backend). With
- * n_threads > 1, each OpenMP thread (torch's: see w8a16_avx2.c) takes one contiguous range of columns
- * for every row, so it still reads long runs of each row of wt (short strided pieces stream badly:
- * 64-column blocks measured 0.7x of one thread's whole rows). */
-void gemv_colmajor_f32(const float *x, const float *wt, float *y, int64_t M, int64_t N, int64_t K,
-                       int64_t n_threads) {
-    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
-    for (int64_t j = 0; j < n_threads; j++) {
-        int64_t a = N * j / n_threads / 8 * 8, b = j == n_threads - 1 ? N : N * (j + 1) / n_threads / 8 * 8;
-        for (int64_t m = 0; m < M; m++) gemv_cols(x + m * K, wt, y + m * N, N, K, a, b);
     }
 }
 
