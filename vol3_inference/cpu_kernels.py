@@ -348,9 +348,10 @@ STEP_ERRORS = {1: "a position is outside the RoPE table", 2: "a slot is outside 
 
 
 def _is_int8(w) -> bool:
-    from vol3_inference.quant import Int8Weight  # here, not at the top: quant imports this module
-
-    return isinstance(w, Int8Weight)
+    # An int8 matrix is anything with an int8 `q` (N, K) and a `scale` (N,), as `quant.Int8Weight`:
+    # this module is below quant.py (quant calls its w8a16 kernel) and does not import it.
+    q = getattr(w, "q", None)
+    return isinstance(q, torch.Tensor) and q.dtype == torch.int8 and hasattr(w, "scale")
 
 
 def step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor) -> str | None:
