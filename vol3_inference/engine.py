@@ -274,10 +274,18 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
-        c, ops, mgr = self.config, self.ops, self.cache.manager
-        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
-        # Checked a list at a time (this runs for every row of every step), then, only if something is
-        # wrong, chunk by chunk to say which and what.
+        """Check the chunks, then run the step fused (one C call) where the engine has a fused step,
+        else op by op (the reference path, any backend and device). Both append to the cache through
+        `BlockManager.append_many`, which raises OutOfBlocks changing nothing."""
+        self._check(chunks)
+        if self.fused is not None and chunks:
+            return self._step_fused(chunks, all_logits)
+        return self._step_ops(chunks, all_logits)
+
+    def _check(self, chunks: Sequence[Chunk]) -> None:
+        # A list at a time (this runs for every row of every step), then, only if something is wrong,
+        # chunk by chunk to say which and what (`_refuse`).
+        c, mgr = self.config, self.cache.manager
         seqs = [ch.seq for ch in chunks]
         sizes = [len(ch.tokens) for ch in chunks]
         starts = [ch.start_pos for ch in chunks]
@@ -287,26 +295,33 @@ class Engine:
                                 or min(map(min, (ch.tokens for ch in chunks))) < 0
                                 or max(map(max, (ch.tokens for ch in chunks))) >= c.vocab_size))):
             self._refuse(chunks)
-        # The cache slots come from mgr.append_many below, which raises OutOfBlocks changing nothing.
-        dev = self.device
-        if self.fused is not None and chunks:
-            # The whole step in one C call (cpu_kernels.FusedStep), rows in the caller's chunk order
-            # (the C step reads each row's own blocks, whatever the order).
-            bounds = list(itertools.accumulate(sizes, initial=0))
-            tokens = list(itertools.chain.from_iterable(ch.tokens for ch in chunks))
-            positions = list(itertools.chain.from_iterable(map(range, starts, ends)))
-            slots = mgr.append_many(seqs, sizes)
-            row_seq = list(itertools.chain.from_iterable(itertools.repeat(j, n) for j, n in enumerate(sizes)))
-            # int64 index tensors through NumPy, which converts Python lists faster than torch.tensor does
-            tok, pos, slot, seq = torch.from_numpy(np.array([tokens, positions, slots, row_seq], dtype=np.int64)).unbind(0)
-            N = len(tokens)
-            out_rows = np.arange(N, dtype=np.int64) if all_logits else np.array(bounds[1:], dtype=np.int64) - 1
-            logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.from_numpy(out_rows),
-                                checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
-            return [logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits else logits
 
-        # Op by op: decode chunks first, shortest context first (contiguous rows for batched
-        # attention), then prefill chunks.
+    def _step_fused(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
+        """The whole step in one C call (cpu_kernels.FusedStep), rows in the caller's chunk order (the
+        C step reads each row's own blocks, whatever the order)."""
+        mgr = self.cache.manager
+        seqs = [ch.seq for ch in chunks]
+        sizes = [len(ch.tokens) for ch in chunks]
+        starts = [ch.start_pos for ch in chunks]
+        ends = [a + n for a, n in zip(starts, sizes, strict=True)]
+        bounds = list(itertools.accumulate(sizes, initial=0))
+        tokens = list(itertools.chain.from_iterable(ch.tokens for ch in chunks))
+        positions = list(itertools.chain.from_iterable(map(range, starts, ends)))
+        slots = mgr.append_many(seqs, sizes)
+        row_seq = list(itertools.chain.from_iterable(itertools.repeat(j, n) for j, n in enumerate(sizes)))
+        # int64 index tensors through NumPy, which converts Python lists faster than torch.tensor does
+        tok, pos, slot, seq = torch.from_numpy(np.array([tokens, positions, slots, row_seq], dtype=np.int64)).unbind(0)
+        N = len(tokens)
+        out_rows = np.arange(N, dtype=np.int64) if all_logits else np.array(bounds[1:], dtype=np.int64) - 1
+        logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.from_numpy(out_rows),
+                            checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
+        return [logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits else logits
+
+    def _step_ops(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
+        """The step op by op through `self.ops`: decode chunks first, shortest context first
+        (contiguous rows for batched attention), then prefill chunks."""
+        c, ops, mgr, dev = self.config, self.ops, self.cache.manager, self.device
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         order = sorted(range(len(chunks)), key=lambda i: (not self._is_decode(chunks[i]), chunks[i].start_pos))
         chunks = [chunks[i] for i in order]
         n_dec = sum(self._is_decode(ch) for ch in chunks)
