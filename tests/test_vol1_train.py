@@ -17,17 +17,9 @@ from vol1_numpy import bench as v1bench
 from vol1_numpy import train as v1train
 from vol1_numpy.model import forward_loss, init_params
 from vol1_numpy.threads import blas_threads, set_threads
-from vol2_torch import train as v2train
 
 EXCERPT = "tests/data/excerpt.txt"
 
-
-
-@pytest.mark.parametrize("warmup,max_steps", [(0, 1), (5, 50), (20, 200), (10, 10)])
-def test_lr_schedule_equals_vol2(warmup, max_steps):
-    recipe = {"lr": 3e-3, "warmup_steps": warmup, "min_lr_ratio": 0.1}
-    for step in range(max_steps + 3):
-        assert v1train.lr_schedule(step, max_steps, 3e-3, warmup, 0.1) == v2train.lr_at(step, max_steps, recipe)
 
 
 def test_evaluate_scores_every_target_once():

@@ -21,6 +21,7 @@ import torch
 from shared.checkpoint import load_checkpoint
 from shared.config import get_preset
 from shared.data import BatchSampler
+from shared.schedule import warmup_cosine
 from vol2_torch import train as train_mod
 from vol2_torch.model import Transformer
 
@@ -82,12 +83,17 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < 0.5  # 128 random targets memorized
 
 
-def test_schedule_warmup_then_cosine_to_floor():
-    recipe = {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}
-    lrs = [train_mod.lr_at(s, 100, recipe) for s in range(101)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # monotone decay
-    assert lrs[100] == pytest.approx(0.1) and lrs[55] == pytest.approx(0.55)
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_schedule_warmup_then_cosine_to_floor(warmup):
+    recipe = {"lr": 1.0, "warmup_steps": warmup, "min_lr_ratio": 0.1}
+    lrs = [train_mod.lr_at(s, 100, recipe) for s in range(103)]
+    assert lrs == [warmup_cosine(s, 100, 1.0, warmup, 0.1) for s in range(103)]  # Volume 1's schedule too
+    if warmup:
+        assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:], strict=False))  # monotone decay
+    assert lrs[100] == lrs[102] == pytest.approx(0.1)  # the floor, held past max_steps
+    mid = (100 + warmup) // 2
+    assert lrs[mid] == pytest.approx(0.55, abs=0.02)  # halfway through the cosine
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.sampling import filter_logits
 from vol3_inference import cpu_kernels
 from vol3_inference.sampling import (
     SamplingParams,
     apply_repetition_penalty,
-    filter_logits,
     find_stop,
     greedy_tokens,
     make_generator,
@@ -39,6 +39,18 @@ def test_top_k_and_top_p():
     assert torch.isfinite(filter_logits(z, top_p=0.51)).tolist() == [True, True, False, False, False]
     assert torch.isfinite(filter_logits(z, top_p=0.86)).tolist() == [True, True, True, True, False]
     assert torch.isfinite(filter_logits(z, top_p=0.01)).sum() == 1  # the top token always stays
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 4), k=st.integers(0, 9), p=st.floats(0.05, 1.0))
+def test_filter_logits_on_a_batch_filters_each_row_as_alone(seed, rows, k, p):
+    """Volume 2 filters (B, V) batches, Volume 3 one row at a time: one function, the same answer."""
+    z = torch.randn(rows, 9, generator=torch.Generator().manual_seed(seed))
+    batched = filter_logits(z, k, p)
+    assert batched.dtype == z.dtype and batched.data_ptr() != z.data_ptr()  # a copy
+    for i in range(rows):
+        assert torch.equal(batched[i], filter_logits(z[i], k, p))
+    assert torch.all(torch.isfinite(batched).sum(-1) >= 1)
 
 
 @settings(max_examples=40, deadline=None)

@@ -32,6 +32,7 @@ from shared.config import ModelConfig
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
 from shared.results import save_figure, write_text
+from shared.schedule import warmup_cosine
 from vol1_numpy.cross_entropy import cross_entropy_forward
 from vol1_numpy.model import init_params, loss_and_grads, model_forward
 from vol1_numpy.optim import AdamW, clip_grad_norm
@@ -72,18 +73,6 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_corpus_args(p)
     return p
-
-
-def lr_schedule(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
-    """Linear warmup to `lr` over `warmup` steps, then cosine decay to lr * min_lr_ratio at `max_steps`.
-
-    The same function as Volume 2's `lr_at` (tests/test_vol1_train.py checks it step by step).
-    """
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    floor = lr * min_lr_ratio
-    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def evaluate(params: dict[str, np.ndarray], config: ModelConfig, val: np.ndarray, val_bytes: int,
@@ -224,7 +213,7 @@ def train(args) -> dict:
     bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True, disable=args.no_progress)
     for step in bar:
         x, y = sampler.next_batch()  # (B, T) int64 each: the one batch both implementations see
-        lr = lr_schedule(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)
+        lr = warmup_cosine(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)
         t = time.perf_counter()
         loss, grads = loss_and_grads(params, x, y, config)
         if not math.isfinite(loss):

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from shared.cli import ArgumentParser, fail
+from shared.sampling import filter_logits
 
 MIN_TEMPERATURE = 1e-5  # 0 <= temperature < this samples greedily (vLLM's rule)
 
@@ -43,29 +44,6 @@ def check_prompt(prompt_ids: list[int], config) -> None:
     if len(prompt_ids) > config.max_seq_len:
         raise ValueError(f"the prompt is {len(prompt_ids)} tokens, longer than the context "
                          f"(max_seq_len {config.max_seq_len})")
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Scale by 1/temperature, then mask (to -inf) everything outside top-k and the top-p nucleus.
-
-    logits: (B, V) float. Returns a new (B, V) tensor. Raises `ValueError` on out-of-range values,
-    a temperature under MIN_TEMPERATURE included (that is greedy: take the argmax instead).
-    """
-    check_sampling(temperature, top_k, top_p)
-    if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} here (below it sampling is greedy), "
-                         f"got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass *before* this token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits
 
 
 @torch.no_grad()
@@ -99,7 +77,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: 
         if temperature < MIN_TEMPERATURE:
             nxt = int(logits.argmax(-1))
         else:
-            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            probs = filter_logits(logits.float() / temperature, top_k or 0, 1.0 if top_p is None else top_p).softmax(-1)
             nxt = int(torch.multinomial(probs, 1, generator=gen))
         if nxt in stop_ids:
             break

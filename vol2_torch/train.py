@@ -58,6 +58,7 @@ from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
 from shared.device import matmul_flops, pick_device, pick_dtype
 from shared.results import save_figure, write_text
+from shared.schedule import warmup_cosine
 from shared.threads import TRAIN_PROBE, choose_threads
 from shared.tokenizer import Tokenizer
 from vol2_torch.model import Transformer
@@ -170,13 +171,8 @@ def resolve(args) -> tuple[ModelConfig, dict]:
 
 
 def lr_at(step: int, max_steps: int, recipe: dict) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
-    lr, warm = recipe["lr"], recipe["warmup_steps"]
-    if step < warm:
-        return lr * (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, max_steps - warm))
-    floor = lr * recipe["min_lr_ratio"]
-    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
+    """`shared.schedule.warmup_cosine` with the recipe's lr, warmup_steps and min_lr_ratio."""
+    return warmup_cosine(step, max_steps, recipe["lr"], recipe["warmup_steps"], recipe["min_lr_ratio"])
 
 
 def make_optimizer(model: Transformer, recipe: dict, device: torch.device) -> torch.optim.AdamW:

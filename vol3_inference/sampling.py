@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.sampling import filter_logits
 from vol3_inference import cpu_kernels
 
 MIN_TEMPERATURE = 1e-5  # 0 < temperature < this is greedy (vLLM's _SAMPLING_EPS)
@@ -116,22 +117,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     z = logits.clone()
     picked = z[seen]
     z[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return z
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits (V,) with everything outside the top-k and the top-p nucleus set to -inf (a copy)."""
-    z = logits.clone()
-    if 0 < top_k < z.numel():
-        kth = torch.topk(z, top_k).values[-1]
-        z[z < kth] = float("-inf")
-    if top_p < 1.0:
-        sorted_z, order = torch.sort(z, descending=True)
-        probs = torch.softmax(sorted_z.double(), dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
-        drop = mass_before >= top_p  # token i is needed only while the ones before it fall short of p
-        drop[0] = False
-        z[order[drop]] = float("-inf")
     return z
 
 
