@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from tqdm import tqdm
 
+from shared.cli import progress
 from shared.corpus import Corpus, Document
 from shared.tokenizer import Tokenizer
 
@@ -156,7 +156,7 @@ def encode_documents(docs: tuple[Document, ...], tokenizer: TokenizerLike, *, de
     dtype = token_dtype(tokenizer.vocab_size)
     parts = []
     total = sum(len(d.text.encode("utf-8")) for d in docs)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet) as bar:
+    with progress(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet) as bar:
         for d in docs:
             ids = np.asarray(tokenizer.encode(d.text, bos=True, eos=True), dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):

@@ -55,6 +55,8 @@ from pathlib import Path
 
 import regex
 
+from shared.cli import progress
+
 GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -172,10 +174,9 @@ class Tokenizer:
         docs = [text] if isinstance(text, str) else text
         word_counts = pretokenize(docs)
         if verbose:
-            from tqdm import tqdm
 
             print(f"BPE: {len(word_counts):,} unique words; learning {n_merges:,} merges")
-            with tqdm(total=n_merges, desc="BPE merges", unit="merge") as bar:
+            with progress(total=n_merges, desc="BPE merges", unit="merge") as bar:
                 return cls(train_merges(word_counts, n_merges, progress=bar))
         return cls(train_merges(word_counts, n_merges))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shared.cli import ArgumentParser, fail
+from shared.cli import ArgumentParser, fail, progress
 from shared.config import ModelConfig
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
@@ -210,7 +210,7 @@ def train(args) -> dict:
     eval_at = {round(args.steps * (k + 1) / args.evals) for k in range(args.evals)}
     t0 = time.perf_counter()
     run_eval(0)
-    bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True, disable=args.no_progress)
+    bar = progress(range(args.steps), desc="train", unit="step", disable=args.no_progress)
     for step in bar:
         x, y = sampler.next_batch()  # (B, T) int64 each: the one batch both implementations see
         lr = warmup_cosine(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)

@@ -49,10 +49,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from shared.cli import ArgumentParser, fail
+from shared.cli import ArgumentParser, fail, progress
 from shared.config import PRESETS, ModelConfig, get_preset
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
@@ -463,7 +462,7 @@ def train(args) -> dict:
                     f"{rec['val_bpb']:.3f} bits/byte")
             save(0, t0, scheduled=True)  # so that a stop or a NaN at any step has a checkpoint to go back to
         if master and not args.no_progress:
-            bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            bar = progress(total=max_steps, initial=step, desc="train", unit="step")
         eval_every = max(1, (max_steps or 1) // max(1, args.evals))
         fwd.train()
         ema = None
