@@ -169,7 +169,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64,
                         multiple_of=16),
     "cpu": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048, max_seq_len=256),
-    # The size DESIGN.md's Hugging Face reference throughputs were measured at; `make vol2-bench` uses it.
+    # A common small size (the TinyStories 15M model of llama2.c, vocab cut to 4096); `make vol2-bench` uses it.
     "hf288": ModelConfig(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=4096, max_seq_len=256),
     "seed512": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000,
                            max_seq_len=1024),

@@ -45,7 +45,7 @@ def test_seed512_is_the_seed_course_model():
     c = get_preset("seed512")
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size) == (512, 8, 8, 4, 32000)
     assert c.n_rep == 2 and c.head_dim == 64
-    # fp32 weights of ~40M parameters: the 160 MB/token memory-roofline figure in DESIGN.md
+    # fp32 weights of ~40M parameters: the ~160 MB of weights read per decoded token (Chapter 3, section 1)
     assert 155e6 < 4 * c.num_params() < 165e6
 
 

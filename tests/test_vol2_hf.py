@@ -1,6 +1,6 @@
 """Tests for vol2_torch/hf.py: our model against Hugging Face `transformers.LlamaForCausalLM`.
 
-Rung 4 of the correctness ladder (DESIGN.md): the same weights, moved through the real export/import
+Rung 4 of the correctness ladder (README.md): the same weights, moved through the real export/import
 code, give the same logits in both implementations at fp32 tolerance, for MHA, GQA and MQA, tied and
 untied. The HF models are tiny and built locally; nothing is downloaded.
 """

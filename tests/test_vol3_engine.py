@@ -1,6 +1,6 @@
 """vol3_inference.engine + ops: the paged-KV-cache forward equals Volume 2's full recompute.
 
-Rung 5 of the correctness ladder (DESIGN.md): logits of one-shot, chunked and token-by-token prefill
+Rung 5 of the correctness ladder (README.md): logits of one-shot, chunked and token-by-token prefill
 equal the full forward at fp32 tolerance, for MHA, GQA and MQA; greedy decoding gives exactly the
 tokens of `generate_naive` for 200 tokens. Token-identity tests run in float64: random-weight logits
 have near-ties, and fp32 rounding differences between two correct summation orders could flip an

@@ -20,7 +20,7 @@ positions hold the same token, so attention cannot tell them apart) comes out as
 noise on either side.
 For a row, the reported number is the maximum of rel_err over the op's output and every gradient.
 
-The two rungs (DESIGN.md, correctness ladder):
+The two rungs (the correctness ladder, README.md):
 
 1. Finite differences, float64, no torch. For a random upstream gradient G of the output's shape the
    scalar objective f = sum(out * G) has df/dx = the vector-Jacobian product our backward computes

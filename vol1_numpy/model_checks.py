@@ -1,6 +1,6 @@
 """Whole-model checks: Volume 1's NumPy LLaMA against Volume 2's PyTorch LLaMA on identical weights.
 
-Rung 3 of the correctness ladder (DESIGN.md): logits, loss and every parameter gradient by name, and
+Rung 3 of the correctness ladder (README.md): logits, loss and every parameter gradient by name, and
 a short AdamW trajectory in each implementation from the same weights over the same batches.
 
 The weights are Volume 2's own init, with the norm gains set to 1 + N(0, 0.1^2) so that a backward

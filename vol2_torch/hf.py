@@ -7,7 +7,7 @@ real Llama-architecture checkpoints. `transformers` is never imported here: an H
 
 Three things differ between the two formats, and each is handled in one place below:
 
-1. **Names** (`HF_NAMES`): Meta's reference names (ours, see DESIGN.md) vs Hugging Face's. One table,
+1. **Names** (`HF_NAMES`): Meta's reference names (ours, see shared/checkpoint.py) vs Hugging Face's. One table,
    used in both directions.
 2. **RoPE layout** (`permute_for_half_split`): we rotate interleaved pairs (x[2i], x[2i+1]); HF's
    `rotate_half` rotates (x[i], x[i + hd/2]). The same model is obtained by permuting the rows of wq and
