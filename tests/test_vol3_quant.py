@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from shared.config import ModelConfig
 from vol2_torch.model import Transformer
+from vol3_inference import cpu_kernels
 from vol3_inference.engine import Engine, ModelWeights
 from vol3_inference.quant import INT8_ROUTES, Int8Weight, int8_linear, quantize_int8
 
@@ -69,16 +70,24 @@ def route_errors(route: str, n_out: int, n_in: int, m: int, dtype: torch.dtype, 
     return []
 
 
-def sweep_routes() -> list[str]:
+def sweep_routes() -> tuple[list[str], int]:
     """Every route x every width in SWEEP_WIDTHS x every row count in SWEEP_ROWS x fp32/fp16/bf16:
-    the whole grid (1,782 small calls), not a sample of it."""
-    problems = []
+    the whole grid (1,782 small calls), not a sample of it; then matrices big enough for the w8a16
+    kernel to split over two threads, at 1-9 rows. Returns (problems, calls made)."""
+    problems, calls = [], 0
     for route in INT8_ROUTES:
         for n_in in SWEEP_WIDTHS:
             for m in SWEEP_ROWS:
                 for dtype in DTYPE_TOL:
                     problems += route_errors(route, 8 + (n_in * m) % 29, n_in, m, dtype, seed=n_in * 10 + m)
-    return problems
+                    calls += 1
+    torch.set_num_threads(2)
+    for n_in in (128, 264, 512):  # 2048 x 128 = 2^18 weights: the kernel's two-thread split starts there
+        for m in SWEEP_ROWS:
+            problems += route_errors("w8a16", 2048, n_in, m, torch.float32, seed=m)
+            calls += 1
+    torch.set_num_threads(1)
+    return problems, calls
 
 
 @settings(max_examples=60, deadline=None, database=None)
@@ -96,7 +105,8 @@ def check_drawn_shapes(n_in, m, n_out, route, dtype, seed):
 def run_child(what: str) -> dict:
     """Run this file as a script doing `what` in a fresh interpreter; its JSON report, or a failure
     naming the exit status (a negative status is the signal that killed it: -11 is a segfault)."""
-    proc = subprocess.run([sys.executable, __file__, what], capture_output=True, text=True, timeout=600)
+    # (under pytest-timeout's 600 s, so this timeout, not pytest's, reports a hung child with its stderr)
+    proc = subprocess.run([sys.executable, __file__, what], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"the child running {what!r} exited with status {proc.returncode}:\n"
                                   f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,8 +114,10 @@ def run_child(what: str) -> dict:
 
 def test_every_route_on_every_width_and_row_count_in_a_child_process():
     report = run_child("sweep")
-    assert report["calls"] == len(INT8_ROUTES) * len(SWEEP_WIDTHS) * len(SWEEP_ROWS) * len(DTYPE_TOL)
+    assert report["calls"] == len(INT8_ROUTES) * len(SWEEP_WIDTHS) * len(SWEEP_ROWS) * len(DTYPE_TOL) + 3 * 9
     assert report["problems"] == []
+    if cpu_kernels.unavailable("w8a16_avx2") is None:  # the kernel itself ran: fp32, K % 16 == 0 shapes
+        assert report["kernel_calls"] >= len(SWEEP_ROWS) * (len([k for k in SWEEP_WIDTHS if k % 16 == 0]) + 2)
     assert report["drawn"] == "passed", report["drawn"]
 
 
@@ -168,16 +180,17 @@ def small_model(dim: int) -> ModelWeights:
     return ModelWeights.from_model(Transformer(config))
 
 
-def check_small_models() -> list[str]:
+def check_small_models() -> tuple[list[str], int]:
     """Each small model, int8 on every route and on the default, generating greedily through `LLM` at
     batch 1 and batch 7, against the float model: (1) teacher-forced on the int8 model's tokens, every
     logit is within LOGIT_TOL of the float logits' spread; (2) its tokens are the float model's greedy
     tokens up to the first position where the float model's top-2 margin is under twice that
-    tolerance (there the two may pick differently, and their sequences part)."""
+    tolerance (there the two may pick differently, and their sequences part). Returns (problems,
+    requests checked)."""
     from vol3_inference.sampling import SamplingParams
     from vol3_inference.scheduler import LLM
 
-    problems = []
+    problems, checked = [], 0
     greedy = SamplingParams(max_tokens=12, ignore_eos=True)
     for dim in SMALL_DIMS:
         weights = small_model(dim)
@@ -193,6 +206,7 @@ def check_small_models() -> list[str]:
                     if out.error or len(out.token_ids) != greedy.max_tokens:
                         problems.append(f"{where}: request {i} gave {out.error or out.token_ids}")
                         continue
+                    checked += 1
                     seq = prompt + out.token_ids
                     ref = Engine(weights).prefill("r", seq[:-1], all_logits=True)[len(prompt) - 1:]
                     got = Engine(routed).prefill("q", seq[:-1], all_logits=True)[len(prompt) - 1:]
@@ -208,7 +222,7 @@ def check_small_models() -> list[str]:
                     if out.token_ids[:n_sure] != fp_out[i][:n_sure]:
                         problems.append(f"{where}: request {i} tokens {out.token_ids} vs float "
                                         f"{fp_out[i]} (first near-tie at {n_sure})")
-    return problems
+    return problems, checked
 
 
 def test_small_int8_models_give_the_float_greedy_tokens_in_a_child_process():
@@ -221,16 +235,26 @@ def test_small_int8_models_give_the_float_greedy_tokens_in_a_child_process():
 
 if __name__ == "__main__":  # the child process of the tests above
     torch.set_num_threads(1)
+    kernel_calls = 0
+    real_kernel = cpu_kernels.w8a16_linear
+
+    def counted(*a, **k):
+        global kernel_calls
+        kernel_calls += 1
+        return real_kernel(*a, **k)
+
+    cpu_kernels.w8a16_linear = counted  # quant.py calls it through the module: every call is counted
     if sys.argv[1] == "sweep":
         try:
             check_drawn_shapes()
             drawn = "passed"
         except AssertionError as e:
             drawn = str(e)[:2000]
-        n = len(INT8_ROUTES) * len(SWEEP_WIDTHS) * len(SWEEP_ROWS) * len(DTYPE_TOL)
-        print(json.dumps({"calls": n, "problems": sweep_routes(), "drawn": drawn}))
+        kernel_calls = 0
+        problems, calls = sweep_routes()
+        print(json.dumps({"calls": calls, "kernel_calls": kernel_calls, "problems": problems, "drawn": drawn}))
     elif sys.argv[1] == "models":
-        print(json.dumps({"problems": check_small_models(),
-                          "checked": len(SMALL_DIMS) * (1 + len(INT8_ROUTES)) * (1 + 7)}))
+        problems, checked = check_small_models()
+        print(json.dumps({"problems": problems, "checked": checked}))
     else:
         sys.exit(f"unknown child task {sys.argv[1]!r}")

@@ -194,6 +194,7 @@ def bad_inputs():
         ("token ids outside the vocabulary", [1, 2, 10**6], GOOD, None, None),
         ("a prompt as long as the context", [5] * CONFIG.max_seq_len, GOOD, None, None),
         ("NaN logits while sampling", [9, 9, 9], sampled, "nan", None),
+        ("NaN logits, greedy", [9, 9, 9], GOOD, "nan", None),
         ("the model step raises", [9, 9, 9], GOOD, "raise", None),
         ("the sampler raises", [9, 9, 9], sampled, None, "raise"),
     ]
@@ -244,7 +245,7 @@ def test_an_llm_survives_any_request_and_serves_the_next_batch(case, monkeypatch
             assert bad.token_ids == greedy.token_ids
     else:
         assert bad.finish_reason == "error" and bad.error, name
-    if forward_fault == "raise":  # the whole step failed: its other rows failed with it, nothing else
+    if forward_fault == "raise":  # the batched step failed; rerun row by row, only this row failed
         assert "injected fault" in bad.error
     assert_clean(llm)
     monkeypatch.undo()
@@ -265,6 +266,45 @@ def test_generate_takes_one_string_as_one_prompt_and_refuses_other_containers():
     import numpy as np
     ids = [o.token_ids for o in llm.generate([np.array([5, 6, 7]), torch.tensor([5, 6, 7]), [5, 6, 7]], GOOD)]
     assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 6
+
+
+def test_two_streams_read_in_turn_each_get_all_their_text():
+    """Each stream's steps advance the other's request too; neither loses its outputs to the other."""
+    llm = LLM(weights(), tokenizer(), max_batch=4)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = [o.text for o in llm.generate(["To be", "or not"], params)]
+    a, b = llm.stream("To be", params), llm.stream("or not", params)
+    got = {"a": [], "b": []}
+    for name, stream in [("a", a), ("b", b)] * 3:
+        got[name].append(next(stream))
+    got["a"] += list(a)  # a's request may have finished during b's steps: its final output still comes
+    got["b"] += list(b)
+    for name, text in zip("ab", want, strict=True):
+        assert "".join(o.new_text for o in got[name]) == text
+        assert sum(len(o.new_token_ids) for o in got[name]) == 12 and got[name][-1].finished
+    assert_clean(llm)
+
+
+def test_ctrl_c_inside_the_model_step_leaves_the_cache_as_before_it(monkeypatch):
+    llm = LLM(weights(), tokenizer(), max_batch=4)
+    real_forward, calls = llm.engine.forward_last, []
+
+    def forward_last(chunks):
+        calls.append(1)
+        out = real_forward(chunks)  # the cache is written ...
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # ... then Ctrl-C before the step returns
+        return out
+
+    monkeypatch.setattr(llm.engine, "forward_last", forward_last)
+    stream = llm.stream("To be", SamplingParams(max_tokens=20, ignore_eos=True))
+    with pytest.raises(KeyboardInterrupt):
+        for _ in stream:
+            pass
+    assert_clean(llm)  # the stream's request was aborted, and its blocks freed
+    other = llm.scheduler.add_request([5, 6, 7], SamplingParams(max_tokens=3))
+    monkeypatch.undo()
+    assert [o.token_ids for o in llm.scheduler.run()][-1] == Engine(weights()).generate([5, 6, 7], other.params)
 
 
 def test_an_interrupted_generate_and_an_abandoned_stream_leave_nothing_behind(monkeypatch):

@@ -90,12 +90,14 @@ def _run(llm: LLM, args, params: list[SamplingParams]) -> int:
             outputs = llm.stream(args.prompt[0], params[0])
         except RequestError as e:
             return fail(str(e))
-        n = 0
+        n, out = 0, None
         print(args.prompt[0], end="", flush=True)
         for out in outputs:
             print(out.new_text, end="", flush=True)
             n = len(out.token_ids)
         print()
+        if out is not None and out.error:  # it failed while running: what streamed so far stays printed
+            return fail(f"prompt {args.prompt[0][:40]!r}: {out.error}")
         print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, {_where(llm)}]", file=sys.stderr)
         return 0
     outs = llm.generate(args.prompt, params)

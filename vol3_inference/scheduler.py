@@ -30,10 +30,11 @@ batch at once (its slot still stays empty until the whole batch is done).
 `RequestOutput` per prompt, `LLM.stream(prompt, params)` yields text as it is produced. A bad request
 (empty prompt, too long, token ids outside the vocabulary, invalid sampling values) gets an error
 output of its own; the others are served as usual. A failure inside a step fails only the requests it
-concerns: an exception while sampling or decoding one request's token fails that request; one in the
-model's forward fails the requests of that step's batch. Each gets `finish_reason="error"` and the
-exception's message, its KV blocks are freed, and the scheduler goes on with the rest, so one bad
-request never leaves an `LLM` unable to serve the next.
+concerns: an exception while sampling or decoding one request's token (NaN logits included) fails
+that request; if the model's forward raises, what it appended to the cache is undone and each row of
+the step runs alone, so only the rows that fail alone fail. Each failed request gets
+`finish_reason="error"` and the exception's message, its KV blocks are freed, and the scheduler goes
+on with the rest, so one bad request never leaves an `LLM` unable to serve the next.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class Scheduler:
         self.waiting = deque(r for r in self.waiting if r.id not in ids)
 
     def _fail(self, r: Request, e: BaseException) -> None:
-        """Finish `r` with an error (its blocks are freed with the finished ones at the step's end)."""
+        """Finish `r` with an error; its blocks are freed like any finished request's (at the step's
+        end, or under "static" when its batch ends)."""
         r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
 
     # --- one step ------------------------------------------------------------------------------
@@ -290,6 +292,10 @@ class Scheduler:
                 events.update((r.id, r) for r, _, _ in plan if r.finish_reason == "error")
                 if logits is None:
                     return [self._output(r) for r in events.values()]
+            except BaseException:  # Ctrl-C mid-step: leave the cache as it was before the step
+                self._undo(chunks)
+                self._release_finished()
+                raise
             self.n_steps += 1
             now = time.perf_counter()
             if self.trace is not None:
@@ -300,6 +306,13 @@ class Scheduler:
                     r.n_cached += n
                     if r.n_cached == r.n_tokens:
                         ready.append(i)
+            # A row with a NaN logit has no meaningful token, greedy or sampled: its request fails.
+            nan_rows = torch.isnan(logits).any(-1).nonzero().flatten().tolist()  # (one pass, few us)
+            if nan_rows:
+                for i in set(nan_rows) & set(ready):
+                    self._fail(plan[i][0], ValueError("the model's logits contain NaN"))
+                    events[plan[i][0].id] = plan[i][0]
+                ready = [i for i in ready if i not in nan_rows]
             # Rows whose token this step is a plain argmax: one argmax for all of them.
             greedy = [i for i in ready if plan[i][0].params.argmax_only]
             picked = {} if not greedy else dict(zip(
@@ -328,21 +341,13 @@ class Scheduler:
         their logits as if nothing happened (a row's logits do not depend on the other rows). Returns
         the step's logits (len(plan), V), NaN in failed rows, or None if every row failed. Finished
         rows (padding, failed) leave the batch now: their caches may be half-written."""
-        mgr = self.engine.cache.manager
-
-        def undo(ch: Chunk) -> None:
-            extra = mgr.lengths.get(ch.seq, 0) - ch.start_pos
-            if extra > 0:
-                mgr.truncate(ch.seq, extra)
-
-        for ch in chunks:
-            undo(ch)
+        self._undo(chunks)
         rows: list[torch.Tensor | None] = []
         for (r, _, kind), ch in zip(plan, chunks, strict=True):
             try:
                 rows.append(self.engine.forward_last([ch])[0] if kind != "pad" else None)
             except Exception as e:
-                undo(ch)
+                self._undo([ch])
                 self._fail(r, e if len(plan) > 1 else error)
                 rows.append(None)
         self._release_finished()
@@ -351,6 +356,14 @@ class Scheduler:
             return None
         nan = torch.full_like(good[0], float("nan"))
         return torch.stack([nan if row is None else row for row in rows])  # (len(plan), V)
+
+    def _undo(self, chunks: list[Chunk]) -> None:
+        """Forget whatever a failed forward appended to the cache for these chunks."""
+        mgr = self.engine.cache.manager
+        for ch in chunks:
+            extra = mgr.lengths.get(ch.seq, 0) - ch.start_pos
+            if extra > 0:
+                mgr.truncate(ch.seq, extra)
 
     def _check_stop(self, r: Request, tok: int) -> None:
         p = r.params
@@ -370,17 +383,9 @@ class Scheduler:
             r.finish_reason = "length"
 
     def _output(self, r: Request) -> RequestOutput:
-        # Stream only text that can no longer change: hold back a possible stop-string prefix and an
-        # incomplete UTF-8 character (decoded as U+FFFD) until more tokens arrive.
-        ready = len(r.text)
-        if not r.finished:
-            ready = max(r.n_text_sent, len(r.text.rstrip("\ufffd")) - r.hold)
-        new_text = r.text[r.n_text_sent:ready]
-        new_ids = r.output[r.n_tokens_sent:]
-        r.n_text_sent, r.n_tokens_sent = ready, len(r.output)
-        ttft = r.token_times[0] - r.arrival_time if r.token_times else None
-        return RequestOutput(r.id, r.prompt, list(r.output), r.text, new_ids, new_text, r.finished,
-                             r.finish_reason, r.error, ttft, list(r.token_times))
+        out = snapshot(r, r.n_tokens_sent, r.n_text_sent)
+        r.n_tokens_sent, r.n_text_sent = len(out.token_ids), r.n_text_sent + len(out.new_text)
+        return out
 
     def run(self, final_only: bool = False) -> Iterator[RequestOutput]:
         """Step until every request has finished, yielding outputs as they come (see `step`)."""
@@ -477,14 +482,35 @@ class LLM:
         return self._follow(req)
 
     def _follow(self, req: Request) -> Iterator[RequestOutput]:
+        # The stream keeps its own cursor into the request: another caller's steps (a second stream,
+        # a generate() call) may advance it too, and their outputs are not this stream's to lose.
+        n_tokens = n_text = 0
         try:
-            while not req.finished:
-                for out in self.scheduler.step():
-                    if out.id == req.id:
-                        yield out
+            while True:
+                if not req.finished:
+                    self.scheduler.step()
+                if len(req.output) > n_tokens or req.finished:
+                    out = snapshot(req, n_tokens, n_text)
+                    n_tokens, n_text = len(out.token_ids), n_text + len(out.new_text)
+                    yield out  # (the request may finish in other callers' steps while we wait here)
+                    if out.finished:
+                        return
         finally:  # the caller stopped reading (or failed): the request must not keep its blocks
             if not req.finished:
                 self.scheduler.abort([req.id])
+
+
+def snapshot(r: Request, n_tokens_sent: int, n_text_sent: int) -> RequestOutput:
+    """What a caller sees of `r`, given the tokens and characters it has already been handed.
+    Streams only text that can no longer change: a possible stop-string prefix and an incomplete
+    UTF-8 character (decoded as U+FFFD) are held back until more tokens arrive."""
+    ready = len(r.text)
+    if not r.finished:
+        ready = max(n_text_sent, len(r.text.rstrip("\ufffd")) - r.hold)
+    ttft = r.token_times[0] - r.arrival_time if r.token_times else None
+    return RequestOutput(r.id, r.prompt, list(r.output), r.text, r.output[n_tokens_sent:],
+                         r.text[n_text_sent:ready], r.finished, r.finish_reason, r.error, ttft,
+                         list(r.token_times))
 
 
 def _is_token(t) -> bool:
