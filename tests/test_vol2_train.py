@@ -182,6 +182,51 @@ def test_auto_mode_resume_replays_every_decision(tmp_path, monkeypatch):
     assert all(torch.equal(full.model[k], split.model[k]) for k in full.model)
 
 
+def test_a_resumed_run_whose_budget_is_spent_keeps_its_step_count(tmp_path, monkeypatch, capsys):
+    """Stopped by its budget after the count was fixed but before the re-measurement, a resumed run
+    trains on to the fixed count: no re-measurement may cut it short with the budget already spent."""
+    monkeypatch.setattr(train_mod, "CALIBRATION_STEPS", 4)
+    monkeypatch.setattr(train_mod, "RECALIBRATION_STEPS", 10)
+    fake_clock(monkeypatch, lambda targets: 1.0)
+    argv = run_args(tmp_path, "spent", "--max-minutes", "1", "--warmup-steps", "4", "--evals", "1")
+    assert train_mod.main([*argv, "--stop-at-step", "7"]) == 0
+    state = load_checkpoint(tmp_path / "runs" / "spent" / "ckpt").train_state
+    assert state["step"] == 7 and state["max_steps"] == 58 and state["timing"]["recalibrate_at"] == 10
+    state["timing"]["spent_s"] = 10**6  # as if the budget ran out right there
+    ckpt = load_checkpoint(tmp_path / "runs" / "spent" / "ckpt")
+    train_mod.save_checkpoint(tmp_path / "runs" / "spent" / "ckpt", ckpt.model, ckpt.config,
+                              tokenizer=ckpt.tokenizer, train_state=state, optimizer=ckpt.optimizer)
+    assert train_mod.main(run_args(tmp_path, "spent", "--resume")) == 0
+    assert load_checkpoint(tmp_path / "runs" / "spent" / "ckpt").train_state["step"] == 58
+
+
+def test_resume_refuses_a_checkpoint_without_training_state_and_a_past_stop_step(tmp_path, capsys):
+    assert train_mod.main(run_args(tmp_path, "r", "--max-steps", "4", "--stop-at-step", "2")) == 0
+    capsys.readouterr()
+    assert train_mod.main(run_args(tmp_path, "r", "--resume", "--stop-at-step", "2")) == 2
+    assert "--stop-at-step 2 is not after the checkpoint's step 2" in capsys.readouterr().err
+    ckpt = load_checkpoint(tmp_path / "runs" / "r" / "ckpt")
+    train_mod.save_checkpoint(tmp_path / "runs" / "r" / "ckpt", ckpt.model, ckpt.config, tokenizer=ckpt.tokenizer)
+    assert train_mod.main(run_args(tmp_path, "r", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no training state" in err and len(err.splitlines()) == 1
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_checkpoint_is_written(tmp_path, monkeypatch):
+    """Interrupted before its first checkpoint, an --overwrite run has destroyed nothing."""
+    assert train_mod.main(run_args(tmp_path, "old", "--max-steps", "3")) == 0
+    run = tmp_path / "runs" / "old"
+    before = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "samples.md", "ckpt/model.safetensors")}
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(run_args(tmp_path, "old", "--max-steps", "3", "--overwrite"))
+    assert {f: (run / f).read_bytes() for f in before} == before
+
+
 def test_time_budget_stop_before_the_step_count_is_fixed_resumes(tmp_path, monkeypatch, capsys):
     """A budget too short to reach calibration still leaves a checkpoint; --resume, with the budget
     spent, trains on to the step count fixed at calibration (the floor: warmup + 1)."""
@@ -255,6 +300,8 @@ def test_resume_truncates_metrics_and_samples_to_the_checkpoint(tmp_path):
         f.write(json.dumps({"step": 5, "train_loss": 9.0}) + "\n")
     with open(run / "samples.md", "a") as f:
         f.write("\n## step 5 (val loss 9.000, 9.000 bits/byte)\n\n```\nlost\n```\n")
+    with open(run / "metrics.jsonl", "a") as f:  # and a crash mid-append, a truncated last line
+        f.write('{"step": 6, "train_lo')
     assert train_mod.main(run_args(tmp_path, "cut", "--resume")) == 0
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 9))

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -235,13 +234,23 @@ def evaluate(model: Transformer, val: np.ndarray, val_bytes: int, batch_size: in
     return total / count, bits_per_byte(total, val_bytes)
 
 
+def parse_record(line: str) -> dict | None:
+    """One metrics.jsonl line as a dict, or None for a blank or broken one (a crash mid-append can
+    leave a truncated last line; it must not stop a resume or a plot)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) and "step" in r else None
+
+
 def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for line in metrics_path.read_text().splitlines() if (r := parse_record(line)) is not None]
     tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     ev = [(r["step"], r["val_loss"], r["val_bpb"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -322,7 +331,13 @@ def train(args) -> dict:
         if not has_ckpt:
             raise ValueError(f"--resume: no checkpoint at {ckpt_dir}")
         resumed = load_checkpoint(ckpt_dir)
-        saved = resumed.train_state["args"]
+        st = resumed.train_state
+        if not isinstance(st, dict) or not {"args", "recipe", "samplers", "step", "max_steps"} <= st.keys():
+            raise CheckpointError(f"--resume: {ckpt_dir} has no training state (a checkpoint made for "
+                                  f"inference or exported?); start a new run with --name or --overwrite")
+        if args.stop_at_step is not None and args.stop_at_step <= st["step"]:
+            raise ValueError(f"--stop-at-step {args.stop_at_step} is not after the checkpoint's step {st['step']}")
+        saved = st["args"]
         for k, v in saved.items():  # the resumed run is the same run: its flags win, but for these
             if k not in ("resume", "overwrite", "max_minutes", "stop_at_step", "no_progress", "device", "evals",
                          "threads"):
@@ -378,21 +393,17 @@ def train(args) -> dict:
 
     if master:
         if args.overwrite and (has_ckpt or metrics_path.exists()):
+            # Nothing is deleted: the step-0 checkpoint replaces the old one atomically, and the
+            # metrics and samples files are started over only after it is written.
             say(f"--overwrite: {run_dir} holds a run; starting it over")
-            for old in (ckpt_dir, ckpt_dir.with_name("ckpt.old")):
-                shutil.rmtree(old, ignore_errors=True)
-            (run_dir / "loss.png").unlink(missing_ok=True)
         write_text(run_dir / "config.json", config.to_json() + "\n")
         if resumed is not None:  # drop the records and samples that came after the checkpoint
             if metrics_path.exists():
-                keep = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+                keep = [line for line in metrics_path.read_text().splitlines()
+                        if (r := parse_record(line)) is not None and r["step"] <= step]
                 write_text(metrics_path, "".join(line + "\n" for line in keep))
             if samples_path.exists():
                 write_text(samples_path, truncate_samples(samples_path.read_text(), step))
-        else:
-            write_text(metrics_path, "")
-            write_text(samples_path, f"# Samples from {name}\n\nPrompt: `{args.sample_prompt!r}`, "
-                                     f"temperature 0.8, top-k 50, seed 0.\n")
     say(f"model: {model.num_params():,} parameters ({model.num_params(False):,} without embeddings); "
         f"{config.to_dict()}")
     tokens_per_step = recipe["batch_size"] * config.max_seq_len * recipe["grad_accum"] * world
@@ -405,6 +416,10 @@ def train(args) -> dict:
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def sample_section(step_: int, rec: dict, text: str) -> str:
+        return (f"\n## step {step_} (val loss {rec['val_loss']:.3f}, {rec['val_bpb']:.3f} bits/byte)\n\n```\n"
+                f"{args.sample_prompt}{text}\n```\n")
 
     def save(step_: int, t_eval: float, scheduled: bool) -> None:
         """Checkpoint at `step_`; called after the evaluation that began at `t_eval`, which the budget
@@ -428,22 +443,24 @@ def train(args) -> dict:
                             train_state=state, optimizer=optimizer_tensors(model, opt))
         last_good = f"{ckpt_dir} (step {step_})"
 
-    def run_eval(step_: int) -> dict:
+    def run_eval(step_: int, write: bool = True) -> tuple[dict, str]:
+        """Evaluate and sample; append both to the run's files unless `write` is False."""
         t = clock()
         val_loss, bpb = evaluate(model, ds.val, ds.val_bytes, args.eval_batch_size, dtype, device)
         text = ds.tokenizer.decode(generate(model, sample_prompt, args.sample_tokens, temperature=0.8, top_k=50,
                                             seed=0, stop_ids=(ds.tokenizer.eos_id,)))
-        with open(samples_path, "a") as f:
-            f.write(f"\n## step {step_} (val loss {val_loss:.3f}, {bpb:.3f} bits/byte)\n\n```\n"
-                    f"{args.sample_prompt}{text}\n```\n")
         rec = {"step": step_, "val_loss": val_loss, "val_bpb": bpb, "eval_seconds": clock() - t}
-        log(rec)
-        return rec
+        if write:
+            with open(samples_path, "a") as f:
+                f.write(sample_section(step_, rec, text))
+            log(rec)
+        return rec, text
 
     budget = recipe["max_minutes"] * 60 if recipe["max_minutes"] else float("inf")
     limit = budget  # the time after which the run stops
     if timing.spent_s >= budget:
         limit = float("inf")
+        timing.recalibrate_at = None  # and no re-measurement: the step count stands as fixed
         say(f"its time budget ({recipe['max_minutes']:g} min) is spent: no time limit from here "
             f"(--max-minutes sets a new total)")
     stop = StopFlag()
@@ -455,12 +472,16 @@ def train(args) -> dict:
     t0, t_calibrated, eval_spent = t_start - timing.spent_s, t_start - timing.since_calibration_s, 0.0
     try:
         if resumed is None:
+            rec, text = run_eval(0, write=False) if master else ({}, "")
             if master:
-                rec = run_eval(0)
                 timing.eval_s = rec["eval_seconds"]
                 say(f"step 0: val loss {rec['val_loss']:.3f} (ln V = {math.log(config.vocab_size):.3f}), "
                     f"{rec['val_bpb']:.3f} bits/byte")
             save(0, t0, scheduled=True)  # so that a stop or a NaN at any step has a checkpoint to go back to
+            if master:  # only now, with the new run's checkpoint written, are its files started over
+                write_text(metrics_path, json.dumps(rec) + "\n")
+                write_text(samples_path, f"# Samples from {name}\n\nPrompt: `{args.sample_prompt!r}`, "
+                                         f"temperature 0.8, top-k 50, seed 0.\n" + sample_section(0, rec, text))
         if master and not args.no_progress:
             bar = progress(total=max_steps, initial=step, desc="train", unit="step")
         eval_every = max(1, (max_steps or 1) // max(1, args.evals))
@@ -544,7 +565,7 @@ def train(args) -> dict:
             if scheduled or why is not None:
                 t_eval = clock()
                 if master:
-                    rec = run_eval(step)
+                    rec, _ = run_eval(step)
                     if bar is not None:
                         bar.write(f"step {step}: val loss {rec['val_loss']:.3f}, {rec['val_bpb']:.3f} bits/byte")
                     result = {"step": step, **rec}
