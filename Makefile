@@ -10,7 +10,7 @@ ARGS   ?=
 
 .PHONY: help setup test test-fast lint format data tokenizer-bench \
         vol1-gradcheck vol1-train vol1-bench vol2-train vol2-bench vol2-sample \
-        vol3-bench clean
+        vol3-bench quant-bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -43,8 +43,10 @@ format: setup  ## ruff format + import sort
 data: setup  ## fetch the Shakespeare corpus (sha256-checked) and print its summary
 	$(PY) -m shared.corpus $(ARGS)
 
+# The benches (bench/) write runs/bench/<name>.json and <name>.md; ARGS="--publish results" also copies
+# the Markdown table to results/<name>.md, which the chapters link.
 tokenizer-bench: setup  ## train our BPE and HF tokenizers' BPE on the same text; bytes/token side by side
-	$(PY) -m shared.tokenizer_bench $(ARGS)
+	$(PY) -m bench.tokenizer $(ARGS)
 
 vol1-gradcheck: setup  ## Volume 1: every block's backward vs finite differences and torch autograd
 	$(PY) -m vol1_numpy.gradcheck $(ARGS)
@@ -53,19 +55,22 @@ vol1-train: setup  ## Volume 1: train a small model in NumPy, side by side with 
 	$(PY) -m vol1_numpy.train $(ARGS)
 
 vol1-bench: setup  ## Volume 1: one NumPy training step vs PyTorch eager
-	$(PY) -m vol1_numpy.bench $(ARGS)
+	$(PY) -m bench.vol1 $(ARGS)
 
 vol2-train: setup  ## Volume 2: train LLaMA on Shakespeare (~10 min on 2 CPU cores)
 	$(PY) -m vol2_torch.train --preset $(PRESET) $(ARGS)
 
 vol2-bench: setup  ## Volume 2: training tok/s, ours vs transformers.LlamaForCausalLM
-	$(PY) -m vol2_torch.bench $(ARGS)
+	$(PY) -m bench.vol2 $(ARGS)
 
 vol2-sample: setup  ## Volume 2: sample from the trained model
 	$(PY) -m vol2_torch.sample $(ARGS)
 
-vol3-bench: setup  ## Volume 3: KV cache, int8, continuous batching vs baselines and HF generate
-	$(PY) -m vol3_inference.bench $(ARGS)
+vol3-bench: setup  ## Volume 3: KV cache, roofline, int8, continuous batching vs baselines and HF generate
+	$(PY) -m bench.vol3 $(ARGS)
+
+quant-bench: setup  ## Volume 3: the int8 matmul routes vs fp32 F.linear, by weight shape and rows
+	$(PY) -m bench.quant $(ARGS)
 
 clean:  ## remove runs/ and caches (keeps data/ and .venv/)
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

@@ -239,17 +239,6 @@ def test_from_dict_rejects_malformed(tok, case):
         Tokenizer.from_dict(bad)
 
 
-def test_tokenizer_bench_names_the_machine(capsys):
-    pytest.importorskip("tokenizers")
-    from shared import tokenizer_bench
-    from shared.results import describe_machine
-
-    data = Path(__file__).parent / "data" / "excerpt.txt"
-    assert tokenizer_bench.main(["--data", str(data), "--vocab-size", "300"]) == 0
-    out = capsys.readouterr().out
-    assert f"machine: {describe_machine()}" in out and "hf, same regex" in out
-
-
 def test_load_rejects_corrupt_file(tmp_path):
     path = tmp_path / "tok.json"
     path.write_text('{"version": 1, "merges": [')

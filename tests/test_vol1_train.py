@@ -1,4 +1,4 @@
-"""Volume 1 training and benchmark commands: the schedule equals Volume 2's, the evaluation scores every
+"""Volume 1 training command: the schedule equals Volume 2's, the evaluation scores every
 validation target once, and a short end-to-end run on the committed excerpt trains NumPy and Volume 2
 in lockstep."""
 
@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from shared.config import ModelConfig
-from shared.results import describe_machine
-from vol1_numpy import bench as v1bench
 from vol1_numpy import train as v1train
 from vol1_numpy.model import forward_loss, init_params
 from vol1_numpy.threads import blas_threads, set_threads
@@ -94,18 +92,6 @@ def test_a_crashed_run_keeps_the_previous_log_and_its_own_lines(tmp_path, monkey
     lines = [json.loads(line) for line in (out / "metrics.jsonl.partial").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1]  # the step-0 evaluation, then the one step that finished
     assert not (out / "loss.png").exists()
-
-
-def test_bench_names_the_machine_first(capsys):
-    before_np, before_t = blas_threads(), torch.get_num_threads()
-    try:
-        assert v1bench.main(["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
-                             "--threads", "1"]) == 0
-    finally:
-        set_threads(before_np or 1)
-        torch.set_num_threads(before_t)
-    out = capsys.readouterr().out
-    assert out.startswith(f"machine: {describe_machine()}\n") and "| 1 |" in out
 
 
 def test_bad_flags_are_one_line_errors(capsys):

@@ -13,7 +13,7 @@ can check that bound. Storage per weight drops from 4 bytes (fp32) to 1 byte plu
 
 Using the weights. y = x W^T = (x q^T) * s, because the scale is per output column of y: the matmul
 runs on int8 weights and the scale multiplies its output. Two routes compute it (`INT8_ROUTES`;
-`python -m vol3_inference.quant` times them against fp32 on this CPU):
+`python -m bench.quant` times them against fp32 on this CPU):
 
     "dequant"   the reference: W' = q * s in float, then F.linear. Plain and obviously right; it
                 re-materializes the float matrix on every call, so it is never the fast route.
@@ -37,16 +37,11 @@ process can use different routes and nothing global changes under a running engi
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from shared.results import describe_machine
 from vol3_inference import cpu_kernels
 
 
@@ -120,64 +115,3 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, route: str | None = None) -> tor
     except KeyError:
         raise ValueError(f"unknown int8 route {route!r}; choose one of: {', '.join(INT8_ROUTES)}") from None
     return fn(x, w)
-
-
-# --- measuring the routes ------------------------------------------------------------------------
-
-
-def time_interleaved(fns: dict, rounds: int = 15, reps: int = 3) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin in one process so that load from other
-    processes hits every variant alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / reps)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vol3_inference.quant",
-        description="Time the int8 linear routes against fp32 F.linear on this CPU (interleaved medians).")
-    parser.add_argument("--shapes", default="1024x512,2752x512,512x1376,32000x512,4096x4096",
-                        help="comma-separated OUTxIN weight shapes (default: seed512's fused linears, "
-                             "its LM head, and 4096x4096)")
-    parser.add_argument("--batch", default="1,16", help="comma-separated activation rows M")
-    parser.add_argument("--rounds", type=int, default=9, help="timing rounds per variant")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        print("error: --shapes must look like 1024x512,... and --batch like 1,16", file=sys.stderr)
-        return 2
-    torch.manual_seed(0)
-    print(f"{describe_machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("ms per call (median), speed-up vs fp32 in brackets; err = max |y - y_dequant| (the route's own error)")
-    for (n_out, n_in) in shapes:
-        w = torch.randn(n_out, n_in) * 0.02
-        qw, _ = quantize_int8(w)
-        for m in batches:
-            x = torch.randn(m, n_in)
-            fns = {"fp32": lambda x=x, w=w: F.linear(x, w)}
-            fns.update({r: (lambda x=x, r=r, qw=qw: int8_linear(x, qw, r)) for r in INT8_ROUTES})
-            t = time_interleaved(fns, rounds=args.rounds, reps=1 if n_out * n_in > 4e6 else 3)
-            ref = _dequant(x, qw)
-            errs = {r: (int8_linear(x, qw, r) - ref).abs().max().item() for r in INT8_ROUTES}
-            w_err = (ref - F.linear(x, w)).abs().max().item()
-            cells = [f"fp32 {t['fp32'] * 1e3:.3f} (int8 weights alone move y by {w_err:.1e})"] + [
-                f"{r} {t[r] * 1e3:.3f} ({t['fp32'] / t[r]:.2f}x, err {errs[r]:.1e})" for r in INT8_ROUTES]
-            print(f"{n_out}x{n_in} M={m}: " + " | ".join(cells), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

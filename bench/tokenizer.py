@@ -1,6 +1,6 @@
 """Benchmark our byte-level BPE against Hugging Face `tokenizers`, side by side on the same text.
 
-    python -m shared.tokenizer_bench [--vocab-size 4096] [--data DIR_OR_FILES]
+    python -m bench.tokenizer [--vocab-size 4096] [--data DIR_OR_FILES]
 
 Both are trained on the training split with the same vocabulary size (256 bytes + merges + the two
 special tokens). Printed: training time, encoding throughput over the whole corpus, and bytes per
@@ -11,7 +11,8 @@ token on the validation split (higher is better: fewer tokens for the same text)
 * `hf, ByteLevel`: Hugging Face's stock byte-level setup (GPT-2's regex), for reference.
 
 Exits with status 1 if ours compresses the validation split more than `--tolerance` (3%) worse than
-either peer, and 2 if the corpus cannot be loaded.
+either peer, and 2 if the corpus cannot be loaded. Writes tokenizer.json and tokenizer.md to --out
+(default runs/bench); --publish DIR copies the Markdown to DIR/tokenizer.md.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from bench.report import REPO, Report, add_output_args
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
-from shared.results import describe_machine
 from shared.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS, Tokenizer
 
 
@@ -54,7 +55,7 @@ def train_hf(train_texts: list[str], vocab_size: int, *, same_regex: bool):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shared.tokenizer_bench", description=__doc__.split("\n")[0]
+        prog="python -m bench.tokenizer", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--vocab-size",
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="show a progress bar while our BPE trains")
     add_corpus_args(parser)
+    add_output_args(parser)
     args = parser.parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
         parser.error(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + 2 specials)")
@@ -84,9 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     val = [d.text for d in corpus.val]
     everything = train + val
     total_mb = (corpus.train_bytes + corpus.val_bytes) / 1e6
-    print(f"machine: {describe_machine()}")
-    print(corpus.summary())
-    print(f"vocab_size: {args.vocab_size} (256 bytes + {args.vocab_size - 258} merges + 2 specials)\n")
+    doc = Report("tokenizer", "tokenizer bench: our BPE vs Hugging Face tokenizers", argv, "bench.tokenizer",
+                 args.out, args.publish, threads="ours 1, Hugging Face all cores")
+    doc.print_header()
+    doc.note(corpus.summary().replace(f"{REPO}/", "").replace("\n", "; ") + ".")  # no checkout path in results
+    doc.note(f"vocab_size: {args.vocab_size} (256 bytes + {args.vocab_size - 258} merges + 2 specials).")
 
     rows = []  # (name, train s, encode s, val tokens)
     try:
@@ -112,17 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         t2 = time.perf_counter()
         rows.append((name, t1 - t0, t2 - t1, sum(len(e.ids) for e in encodings[len(train) :])))
 
-    print(
-        f"{'tokenizer':<16}{'train s':>9}{'encode s':>10}{'encode MB/s':>13}{'val bytes/token':>17}{'ours / it':>11}"
-    )
     ours_bpt = corpus.val_bytes / rows[0][3]
     worst = float("inf")
+    table = []
     for name, train_s, enc_s, val_tokens in rows:
         bpt = corpus.val_bytes / val_tokens
         ratio = ours_bpt / bpt
         worst = min(worst, ratio)
-        print(f"{name:<16}{train_s:>9.2f}{enc_s:>10.2f}{total_mb / enc_s:>13.2f}{bpt:>17.4f}{ratio:>11.4f}")
-    print(f"\nours / peer bytes per token, worst: {worst:.4f} (must be >= {1 - args.tolerance:.2f})")
+        table.append([name, f"{train_s:.2f}", f"{enc_s:.2f}", f"{total_mb / enc_s:.2f}", f"{bpt:.4f}", f"{ratio:.4f}"])
+    doc.table(["tokenizer", "train s", "encode s", "encode MB/s", "val bytes/token", "ours / it"], table,
+              title="tokenizers")
+    doc.note(f"Ours / peer bytes per token, worst: {worst:.4f} (must be >= {1 - args.tolerance:.2f}). "
+             "Encoding: ours on one thread, Hugging Face's encode_batch on all cores.")
+    doc.finish()
     if worst < 1 - args.tolerance:
         print("FAIL: our BPE compresses the validation split worse than a peer", file=sys.stderr)
         return 1

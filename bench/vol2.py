@@ -26,8 +26,9 @@ Reading the numbers:
   new machine), steady-state tok/s, and how long a training run must be for the compile to pay for
   itself.
 
-Writes every raw step time to `--json` (default runs/bench/vol2_bench.json), rewritten atomically after
-each dtype, so a crash loses only the dtype it was in ("complete" is false until the end).
+Writes every raw step time to vol2.json in --out (default runs/bench), rewritten atomically after each
+dtype, so a crash loses only the dtype it was in ("complete" is false until the end), and the table
+to vol2.md beside it (--publish DIR copies it to DIR/vol2.md).
 """
 
 from __future__ import annotations
@@ -40,30 +41,27 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from shared.cli import ArgumentParser, fail
+from bench.report import Report, add_output_args, say
+from bench.timing import interleaved_times, sync
+from shared.cli import ArgumentParser, fail, progress
 from shared.config import ModelConfig, get_preset
 from shared.device import DTYPES, pick_device
-from shared.results import describe_machine, machine, write_json
+from shared.results import machine
 from vol2_torch.hf import hf_config_dict, to_hf_state
 from vol2_torch.model import Transformer
 
 DEFAULT_PRESET = "hf288"
 
 
-def say(*a) -> None:
-    print(*a, flush=True)
-
-
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m vol2_torch.bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bench.vol2", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help=f"model preset from shared.config.PRESETS (default: {DEFAULT_PRESET}, the size of "
-                        f"DESIGN.md's reference HF throughputs: dim 288, 6 layers, 6 heads, vocab 4096)")
+                   help=f"model preset from shared.config.PRESETS (default: {DEFAULT_PRESET}: dim 288, 6 layers, "
+                        "6 heads, vocab 4096)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step, B (default: 16)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence, T (default: the preset's max_seq_len)")
@@ -81,8 +79,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help=f"intra-op CPU threads (default: torch's, {torch.get_num_threads()} here)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    p.add_argument("--json", default="runs/bench/vol2_bench.json", help="where to write all results")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (in a file)")
+    add_output_args(p)
     return p
 
 
@@ -123,16 +122,8 @@ def make_step(forward, params, tokens, targets, dtype: torch.dtype, device: torc
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     return step
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def matmul_probes(dtype: torch.dtype, device: torch.device, n: int = 1024) -> dict:
@@ -150,12 +141,10 @@ def matmul_probes(dtype: torch.dtype, device: torch.device, n: int = 1024) -> di
 
     def probe(x, y):
         def run() -> float:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             x @ y
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             return 2 * n**3 / (time.perf_counter() - t)
         return run
 
@@ -183,8 +172,6 @@ def bench_dtype(name: str, dtype: torch.dtype, ours: Transformer, hf, config: Mo
     """Time one dtype: warm-up, then rounds of one step per contestant, order alternating. `probe` times
     one matmul in the dtype's fastest layout; it runs once per round and `peak` keeps the best rate seen,
     so a peak first measured while another process held a core is corrected by a quieter moment."""
-    from tqdm import tqdm
-
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(device)
     tokens, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
@@ -202,28 +189,21 @@ def bench_dtype(name: str, dtype: torch.dtype, ours: Transformer, hf, config: Mo
                                            device)
         say(f"  [{name}] compiling ours (cold inductor cache) ...")
         try:
-            compile_s = timed(steps["ours compiled"])  # the first call traces and compiles fwd and bwd
+            t0 = time.perf_counter()
+            steps["ours compiled"]()  # the first call traces and compiles fwd and bwd
+            compile_s = time.perf_counter() - t0
         except Exception as e:  # e.g. no C++ compiler for inductor: report it, time the rest
             say(f"  [{name}] torch.compile failed, skipping it: {type(e).__name__}: {str(e).splitlines()[0]}")
             del steps["ours compiled"]
 
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    bar = tqdm(total=(args.warmup + args.steps) * len(steps), desc=f"{name} B{B}xT{T}", leave=False,
-               disable=True if args.no_progress else None, file=sys.stderr)
-    for _ in range(args.warmup):
-        for fn in steps.values():
-            fn()
-            bar.update()
-    start = time.perf_counter()
-    for r in range(args.steps):
-        order = list(steps) if r % 2 == 0 else list(steps)[::-1]  # alternate, so neither always goes first
-        for k in order:
-            times[k].append(timed(steps[k]))
-            bar.update()
-        peak = max(peak, probe())
-        if r >= 1 and time.perf_counter() - start > args.max_seconds:
-            break
+    best = [peak]
+    bar = progress(total=(args.warmup + args.steps) * len(steps), desc=f"{name} B{B}xT{T}", unit="step",
+                   disable=args.no_progress)
+    times = interleaved_times(steps, args.steps, warmup=args.warmup, alternate=True,
+                              after_round=lambda: best.append(probe()), max_seconds=args.max_seconds,
+                              on_call=bar.update)
     bar.close()
+    peak = max(best)
 
     fpt = ours.flops_per_token(T)
     out = {"dtype": name, "batch_size": B, "seq_len": T, "tokens_per_step": B * T, "steps_timed": len(times["ours"]),
@@ -245,24 +225,24 @@ def bench_dtype(name: str, dtype: torch.dtype, ours: Transformer, hf, config: Mo
 # --- report -----------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[dict]) -> None:
-    say(f"{'dtype':5s}  {'B x T':>8s}  {'steps':>5s}  {'model':14s}  {'tok/s':>8s}  {'MFU':>6s}  {'vs HF':>6s}")
+def print_table(doc: Report, rows: list[dict]) -> None:
+    table = []
     for r in rows:
         hf_tok_s = r["models"]["hf"]["tok_s"]
         for k in ("hf", "ours", "ours compiled"):
             m = r["models"].get(k)
             if m:
-                label = {"hf": "HF Llama"}.get(k, k)
-                shape = f"{r['batch_size']}x{r['seq_len']}"
-                say(f"{r['dtype']:5s}  {shape:>8s}  {r['steps_timed']:5d}  "
-                    f"{label:14s}  {m['tok_s']:8,.0f}  {m['mfu']:6.1%}  {m['tok_s'] / hf_tok_s:5.2f}x")
+                table.append([r["dtype"], f"{r['batch_size']} x {r['seq_len']}", r["steps_timed"],
+                              {"hf": "HF Llama"}.get(k, k), f"{m['tok_s']:,.0f}", f"{m['mfu']:.1%}",
+                              f"{m['tok_s'] / hf_tok_s:.2f}x"])
+    doc.table(["dtype", "B x T", "steps", "model", "tok/s", "MFU", "vs HF"], table, title="training step")
     for r in rows:
         c = r["models"].get("ours compiled")
         if c:
             pay = (f"pays for itself after {c['break_even_seconds'] / 60:.1f} min of training"
                    if c["break_even_seconds"] is not None else "never pays for itself (no faster)")
-            say(f"torch.compile, {r['dtype']}: {c['compile_seconds']:.0f} s to compile, steady state "
-                f"{c['speedup_over_eager']:.2f}x eager ours: {pay}")
+            doc.note(f"torch.compile, {r['dtype']}: {c['compile_seconds']:.0f} s to compile, steady state "
+                     f"{c['speedup_over_eager']:.2f}x eager ours: {pay}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,14 +281,14 @@ def main(argv: list[str] | None = None) -> int:
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cpu = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name()
-    say(f"vol2 bench: one training step (forward, fp32 cross-entropy, backward, AdamW), ours vs "
-        f"transformers {transformers.__version__} LlamaForCausalLM")
-    say(f"model: preset {args.preset}: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads "
-        f"({config.n_kv_heads} KV), FFN {config.hidden_dim}, vocab {config.vocab_size}, tied "
-        f"{config.tie_embeddings}; T {T}")
-    say(f"machine: {describe_machine()}")
-    say(f"device: {device.type} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-        + (f", load average {load0:.1f}" if load0 is not None else ""))
+    doc = Report("vol2", "vol2 bench: a training step, ours vs transformers.LlamaForCausalLM", argv, "bench.vol2",
+                 args.out, args.publish, device=f"{device.type} ({cpu})", transformers=transformers.__version__)
+    doc.print_header()
+    doc.note(f"One training step (forward, fp32 cross-entropy, backward, AdamW), ours vs transformers "
+             f"{transformers.__version__} LlamaForCausalLM. Model: preset {args.preset}: dim {config.dim}, "
+             f"{config.n_layers} layers, {config.n_heads} heads ({config.n_kv_heads} KV), FFN {config.hidden_dim}, "
+             f"vocab {config.vocab_size}, tied {config.tie_embeddings}; T {T}"
+             + (f"; load average {load0:.1f} at the start." if load0 is not None else "."))
 
     probes, layouts, peaks = {}, {}, {}
     for name in (["fp32", "bf16"] if "bf16" in dtypes else ["fp32"]):
@@ -316,17 +296,17 @@ def main(argv: list[str] | None = None) -> int:
         layouts[name] = matmul_peak(all_layouts)
         best = max(layouts[name], key=layouts[name].get)
         probes[name], peaks[name] = all_layouts[best], layouts[name][best]
-    say("matmul peak (1024^3, best of the NN/NT/TN layouts, measured now): "
-        + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
+    doc.note("Matmul peak (1024^3, best of the NN/NT/TN layouts, at the start): "
+             + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()) + ".")
     if "bf16" in peaks and peaks["bf16"] < peaks["fp32"]:
-        say(f"  no native bf16 matmul here: bf16 runs at {peaks['bf16'] / peaks['fp32']:.2f}x fp32, through a "
-            f"fallback kernel whose speed depends on shape and layout ("
-            + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in layouts["bf16"].items())
-            + " GFLOP/s), so the bf16 rows compare two models stuck on that kernel, not the models")
+        doc.note(f"No native bf16 matmul here: bf16 runs at {peaks['bf16'] / peaks['fp32']:.2f}x fp32, through a "
+                 f"fallback kernel whose speed depends on shape and layout ("
+                 + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in layouts["bf16"].items())
+                 + " GFLOP/s), so the bf16 rows compare two models stuck on that kernel, not the models.")
 
     ours, hf, diff = build_models(config, device)
-    say(f"same weights in both: max |logit difference| {diff:.1e} (fp32); FLOPs/token "
-        f"(6N + 12 L D T) {ours.flops_per_token(T) / 1e6:.1f} M")
+    doc.note(f"Same weights in both: max |logit difference| {diff:.1e} (fp32); FLOPs/token "
+             f"(6N + 12 L D T) {ours.flops_per_token(T) / 1e6:.1f} M.")
 
     rows = []
     result = {"preset": args.preset, "config": config.to_dict(), "seq_len": T,
@@ -336,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
               "load_average": [load0, None], "complete": False, "rows": rows}
-    out = Path(args.json)
     try:
         for name in dtypes:
             B = args.batch_size
@@ -347,23 +326,22 @@ def main(argv: list[str] | None = None) -> int:
                         f"(--bf16-batch-size to change)")
             rows.append(bench_dtype(name, DTYPES[name], ours, hf, config, B, T, args, device, peaks[name],
                                     probes[name]))
-            write_json(out, result)
+            doc.save_json(result)
     finally:
         if cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
 
-    say("")
-    print_table(rows)
-    say("MFU = tok/s x FLOPs/token / the best 1024^3 matmul rate seen in the run (re-timed every round): "
-        + ", ".join(f"{r['dtype']} {r['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s" for r in rows))
+    print_table(doc, rows)
+    doc.note("MFU = tok/s x FLOPs/token / the best 1024^3 matmul rate seen in the run (re-timed every round): "
+             + ", ".join(f"{r['dtype']} {r['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s" for r in rows)
+             + ". Steps of the models interleaved, order alternating; median of the steps timed.")
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if load1 is not None and load1 > torch.get_num_threads():
-        say(f"note: load average {load1:.1f} on {os.cpu_count()} CPUs: other processes compete, so absolute "
-            f"tok/s are low and noisy; the interleaved ratios are the figures to read")
+        doc.note(f"Load average {load1:.1f} on {os.cpu_count()} CPUs at the end: other processes compete, so "
+                 f"absolute tok/s are low and noisy; the interleaved ratios are the figures to read.")
 
     result["load_average"][1], result["complete"] = load1, True
-    write_json(out, result)
-    say(f"wrote {out}")
+    say(f"wrote {', '.join(map(str, doc.finish(result)))}")
     return 0
 
 
