@@ -223,6 +223,8 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
             `rope_parameters.rope_type`, `attention_bias`, `mlp_bias`, `hidden_act` other than silu,
             or a `head_dim` different from hidden_size / num_attention_heads.
     """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"config.json must hold a JSON object, got {type(d).__name__}")
     if d.get("model_type", "llama") != "llama":
         raise ValueError(f"model_type is {d['model_type']!r}; only 'llama' is supported")
     if d.get("hidden_act", "silu") != "silu":

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         new = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stop_ids=(tok.eos_id,))
     except (ValueError, OSError) as e:
-        return fail(str(e))
+        return fail(" ".join(str(e).split()))  # one line, whatever the message spans
     print(args.prompt + tok.decode(new))
     return 0
 

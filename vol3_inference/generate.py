@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM.from_path(args.ckpt, quant=args.quant, device=device, backend=args.backend,
                             int8_route=args.int8_route)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
-        return fail(str(e).splitlines()[0])
+        return fail(" ".join(str(e).split()))  # one line, keeping what the later lines say
     if llm.tokenizer is None:
         return fail(f"{args.ckpt} has no tokenizer; text prompts need one")
     return _run(llm, args, params)
