@@ -47,7 +47,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--n-heads", type=int, default=6, help="query heads H (head_dim = dim / n_heads)")
     g.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads (GQA; 1 = multi-query)")
     g.add_argument("--vocab-size", type=int, default=4096,
-                   help="BPE vocabulary (4096 shares the tokenizer and token files of `make vol2-train`)")
+                   help="BPE vocabulary (2048 would share the tokenizer and token files of `make vol2-train`)")
     g.add_argument("--seq-len", type=int, default=128, help="context length T (ModelConfig.max_seq_len)")
     g.add_argument("--hidden-dim", type=int, default=None, help="SwiGLU width F (default: LLaMA's 8/3 * dim rule)")
     g = p.add_argument_group("optimization (Volume 2's recipe)")
