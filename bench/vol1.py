@@ -27,9 +27,9 @@ from bench.report import Report, add_output_args
 from bench.timing import interleaved_times
 from shared.cli import ArgumentParser, fail, progress
 from shared.config import PRESETS, get_preset
+from vol1_numpy.blas_threads import set_threads
 from vol1_numpy.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from vol1_numpy.model import cache_nbytes, model_backward, model_forward
-from vol1_numpy.threads import set_threads
 from vol2_torch.model import Transformer
 from vol2_torch.train import lm_loss
 

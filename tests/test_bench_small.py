@@ -11,7 +11,7 @@ import torch
 
 from bench.report import figures
 from shared.results import describe_machine
-from vol1_numpy.threads import blas_threads, set_threads
+from vol1_numpy.blas_threads import blas_threads, set_threads
 
 EXCERPT = Path(__file__).parent / "data" / "excerpt.txt"
 

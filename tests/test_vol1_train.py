@@ -13,8 +13,8 @@ import torch
 
 from shared.config import ModelConfig
 from vol1_numpy import train as v1train
+from vol1_numpy.blas_threads import blas_threads, set_threads
 from vol1_numpy.model import forward_loss, init_params
-from vol1_numpy.threads import blas_threads, set_threads
 
 EXCERPT = "tests/data/excerpt.txt"
 

@@ -41,8 +41,8 @@ import math
 
 import numpy as np
 
+from vol1_numpy.blas_threads import single_threaded_blas
 from vol1_numpy.softmax import softmax_backward, softmax_forward
-from vol1_numpy.threads import single_threaded_blas
 
 
 def _causal_mask(T: int, dtype) -> np.ndarray:

@@ -33,10 +33,10 @@ from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
 from shared.results import save_figure, write_text
 from shared.schedule import warmup_cosine
+from vol1_numpy.blas_threads import set_threads
 from vol1_numpy.cross_entropy import cross_entropy_forward
 from vol1_numpy.model import init_params, loss_and_grads, model_forward
 from vol1_numpy.optim import AdamW, clip_grad_norm
-from vol1_numpy.threads import set_threads
 
 
 def build_parser() -> ArgumentParser:
@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
                    help="NumPy only: no Volume 2 run beside it (initial weights from vol1's own init)")
     g.add_argument("--threads", type=int, default=1,
                    help="threads for NumPy's BLAS and for torch (1 is fastest for this small model on a "
-                        "busy 2-core machine; see vol1_numpy/threads.py)")
+                        "busy 2-core machine; see vol1_numpy/blas_threads.py)")
     g.add_argument("--out", default="runs/vol1", help="folder for metrics.jsonl and loss.png")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_corpus_args(p)

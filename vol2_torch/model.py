@@ -123,7 +123,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # One GEMM for q, k and v and one RoPE call for q and k: fewer, larger kernels (measured with
-        # vol2_torch/bench.py: a few percent on an idle 2-core CPU, more when other processes compete
+        # `make vol2-bench`: a few percent on an idle 2-core CPU, more when other processes compete
         # for the cores). The weights stay three Parameters under Meta's names; concatenating them
         # costs a copy of (H + 2 Hkv) hd x D floats per call.
         w_qkv = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))  # ((H + 2 Hkv) hd, D)

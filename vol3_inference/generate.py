@@ -47,7 +47,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--quant", choices=[q for q in QUANT_MODES if q], default=None,
                    help="int8 weights: every linear ('int8') or all but the LM head ('int8-body')")
     p.add_argument("--int8-route", choices=sorted(INT8_ROUTES), default="w8a16",
-                   help="how int8 matmuls run (see python -m vol3_inference.quant)")
+                   help="how int8 matmuls run (see python -m bench.quant)")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads on CPU, or 'auto': time 1 vs 2 on a matmul and keep the faster (2 unless 1 is over 25%% faster)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
