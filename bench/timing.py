@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vol3_inference import cpu_kernels
+
 
 def sync() -> None:
     """Wait for queued GPU work, so a timer around it measures it (nothing to do on the CPU)."""
@@ -124,29 +126,37 @@ def probe_sizes(cache: tuple[str, int | None]) -> dict[str, int]:
 
 def read_bandwidth(sizes: dict[str, int], rounds: int = 7, device: str | torch.device = "cpu",
                    min_call_s: float = 2e-3, n_in: int = 1024) -> dict[str, float]:
-    """GB/s (1e9 bytes per second) at which a float32 weight matrix of each size in `sizes` (bytes) is
-    read the way decode reads weights: y = F.linear(x, W) for one row x (1, n_in) and W (out, n_in)
-    stored column-major. Each size repeats its product until a call takes about `min_call_s` (a small
-    matrix is otherwise all call overhead); sizes are timed interleaved, `rounds` rounds, medians.
-    Every matrix is allocated at once: the sizes' sum must fit in memory."""
+    """GB/s (1e9 bytes per second) at which float32 buffers of each size in `sizes` (bytes) are read:
+    the fastest of the reads of the same bytes timed here, y = F.linear(x, W) for one row x (1, n_in)
+    and W (out, n_in) stored column-major (decode through MKL), torch.dot of the buffer with itself (a
+    plain stream), and, where the C kernels run, the fused step's packed matmul at one row. The
+    roofline is a bound, so it takes the best read measured: MKL's one-row product alone (on a 2-core
+    AMD EPYC) came out slower than the engine's fused step, which put decode above 100% of it. Each read repeats until a call takes
+    about `min_call_s` (a small buffer is otherwise all call overhead); all are timed interleaved,
+    `rounds` rounds, medians. Every buffer is allocated at once: the sizes' sum must fit in memory."""
     fns, n_bytes = {}, {}
     for k, size in sizes.items():
         out = max(1, size // (4 * n_in))
         w = torch.full((n_in, out), 0.5, device=device).t()  # (out, in), column-major
         x = torch.full((1, n_in), 0.5, device=device)
-        n_bytes[k] = w.numel() * 4
-        F.linear(x, w)
-        sync()
-        t0 = time.perf_counter()
-        F.linear(x, w)
-        sync()
-        reps = max(1, math.ceil(min_call_s / max(time.perf_counter() - t0, 1e-7)))
+        flat = w.t().reshape(-1)  # the same bytes, contiguous: a view, not a copy
+        ways = {"linear": lambda x=x, w=w: F.linear(x, w), "dot": lambda v=flat: torch.dot(v, v)}
+        if torch.device(device).type == "cpu" and cpu_kernels.unavailable("ops_avx2") is None:
+            packed = cpu_kernels.pack_panels(w)  # the fused step's own fp32 matmul, at one row
+            ways["packed"] = lambda x=x, p=packed, n=out: cpu_kernels.matmul_packed(x, p, n)
+        for how, fn in ways.items():
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            reps = max(1, math.ceil(min_call_s / max(time.perf_counter() - t0, 1e-7)))
 
-        def call(x=x, w=w, reps=reps):
-            for _ in range(reps):
-                F.linear(x, w)
+            def call(fn=fn, reps=reps):
+                for _ in range(reps):
+                    fn()
 
-        fns[k] = call
-        n_bytes[k] *= reps
+            fns[(k, how)] = call
+            n_bytes[(k, how)] = w.numel() * 4 * reps
     med = time_interleaved(fns, rounds, warmup=1)
-    return {k: n_bytes[k] / med[k] / 1e9 for k in sizes}
+    return {k: max(n_bytes[key] / med[key] / 1e9 for key in fns if key[0] == k) for k in sizes}

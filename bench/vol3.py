@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         doc.save_json(without_traces(results))
 
     cache = f"{args.cache[1] / 2**20:.0f} MiB" if args.cache[1] else "size unknown"
-    doc.note(f"Read bandwidth (float32 matrix x one row, median of {args.rounds} interleaved rounds; "
+    doc.note(f"Read bandwidth (float32 buffers read the fastest of three ways; median of {args.rounds} interleaved rounds; "
              f"{args.cache[0]} {cache}): " + "; ".join(f"{sizes[k] / 2**20:.0f} MiB ({k}) {v:.1f} GB/s"
                                                        for k, v in bandwidth.items()) + ".")
     if "trained" in args.models and have_trained(Path(args.ckpt)):

@@ -77,7 +77,7 @@ def print_roofline(doc: Report, r: dict) -> None:
     size = f"{cache['bytes'] / 2**20:.0f} MiB" if cache["bytes"] else "size unknown"
     doc.note(f"Decode at batch 1 reads every linear weight once per token, so tok/s <= bandwidth / bytes. "
              f"'read from': the weights against the {cache['name']} ({size}); the bandwidth is a float32 "
-             f"matrix of the weights' size read by F.linear with one row, median of {r['rounds']} rounds "
+             f"buffer of the weights' size read the fastest way timed (one-row F.linear, torch.dot, the fused step's packed matmul), median of {r['rounds']} rounds "
              f"(bench.timing.read_bandwidth); int8 assumes its bytes stream at the same rate.")
 
 
