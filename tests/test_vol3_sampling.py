@@ -84,7 +84,15 @@ def test_one_argmax_for_a_step_picks_what_each_row_would_alone(rows, vocab, seed
     z = torch.randint(-3, 3, (rows, vocab), generator=g).float()
     if rows > 1:
         z[1] = float("nan")  # a NaN is argmax's maximum either way
-    assert greedy_tokens(z) == [sample_token(r, SamplingParams()) for r in z.unbind(0)] == z.argmax(-1).tolist()
+    assert greedy_tokens(z) == z.argmax(-1).tolist()  # a NaN row too: its first NaN, as torch.argmax
+    for i, row in enumerate(z.unbind(0)):
+        if i == 1:  # but a token drawn from a NaN row means nothing: sample_token refuses it
+            with pytest.raises(ValueError, match="NaN"):
+                sample_token(row, SamplingParams())
+            with pytest.raises(ValueError, match="NaN"):
+                sample_token(row, SamplingParams(repetition_penalty=1.5), seen=torch.tensor([0]))
+        else:
+            assert sample_token(row, SamplingParams()) == greedy_tokens(z)[i]
 
 
 @pytest.mark.parametrize("field,value", [

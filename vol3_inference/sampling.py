@@ -124,19 +124,28 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
                  seen: torch.Tensor | None = None) -> int:
     """One token id from logits (V,) following `params`; `seen` (n,) int64 are prompt + output ids.
     Sampling runs in float64 on the CPU, whatever device the logits come from (the generator is a
-    CPU one, so a seeded run draws the same tokens on any device)."""
+    CPU one, so a seeded run draws the same tokens on any device). Raises ValueError (greedy) or
+    RuntimeError (sampled) for logits holding NaN."""
     if params.greedy and seen is None:  # the argmax of the logits themselves: float64 would not change it
-        return greedy_tokens(logits.reshape(1, -1))[0]  # the C scan where it runs (probes argmax: 14 vs 75 us at V = 32,000)
+        tok = greedy_tokens(logits.reshape(1, -1))[0]  # the C scan where it runs (probes argmax: 14 vs 75 us at V = 32,000)
+        return _not_nan(tok, logits.reshape(-1))
     z = logits.detach().to("cpu", torch.float64)
     if seen is not None:
         z = apply_repetition_penalty(z, seen, params.repetition_penalty)
     if params.greedy:
-        return int(torch.argmax(z))
-    # posinf -> the largest float64, so softmax sees max - max = 0 and not inf - inf = NaN
-    z = torch.nan_to_num(z / params.temperature, nan=float("nan"), posinf=torch.finfo(z.dtype).max)
-    z = filter_logits(z, params.top_k, params.top_p)
+        return _not_nan(int(torch.argmax(z)), z)
+    # +inf -> the largest float64, so softmax sees max - max = 0 and not inf - inf = NaN (NaN stays,
+    # and multinomial refuses it)
+    z = filter_logits((z / params.temperature).clamp(max=torch.finfo(z.dtype).max), params.top_k, params.top_p)
     probs = torch.softmax(z, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _not_nan(tok: int, z: torch.Tensor) -> int:
+    # an argmax lands on the first NaN of a row that has one: no meaningful token to give
+    if torch.isnan(z[tok]):
+        raise ValueError("the logits contain NaN")
+    return tok
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:

@@ -306,24 +306,23 @@ class Scheduler:
                     r.n_cached += n
                     if r.n_cached == r.n_tokens:
                         ready.append(i)
-            # A row with a NaN logit has no meaningful token, greedy or sampled: its request fails.
-            nan_rows = torch.isnan(logits).any(-1).nonzero().flatten().tolist()  # (one pass, few us)
-            if nan_rows:
-                for i in set(nan_rows) & set(ready):
-                    self._fail(plan[i][0], ValueError("the model's logits contain NaN"))
-                    events[plan[i][0].id] = plan[i][0]
-                ready = [i for i in ready if i not in nan_rows]
-            # Rows whose token this step is a plain argmax: one argmax for all of them.
+            # Rows whose token this step is a plain argmax: one argmax for all of them. An argmax
+            # lands on a NaN if the row has one (as torch.argmax does): one gather finds those rows.
             greedy = [i for i in ready if plan[i][0].params.argmax_only]
-            picked = {} if not greedy else dict(zip(
-                greedy, greedy_tokens(logits if len(greedy) == len(plan) else logits[greedy]), strict=True))
+            picked, nan_rows = {}, set()
+            if greedy:
+                toks = greedy_tokens(logits if len(greedy) == len(plan) else logits[greedy])
+                picked = dict(zip(greedy, toks, strict=True))
+                nan_rows = {i for i, bad in zip(greedy, torch.isnan(logits[greedy, toks]).tolist(), strict=True) if bad}
             for i in ready:
                 r = plan[i][0]
                 events[r.id] = r
                 try:
+                    if i in nan_rows:
+                        raise ValueError("the model's logits contain NaN")
                     if i in picked:
                         tok = picked[i]
-                    else:
+                    else:  # (sample_token raises for NaN logits itself)
                         seen = torch.tensor(r.tokens) if r.params.repetition_penalty != 1 else None
                         tok = sample_token(logits[i], r.params, r.generator, seen)
                     r.output.append(tok)
