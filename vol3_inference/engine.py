@@ -277,14 +277,15 @@ class Engine:
         """Check the chunks, then run the step fused (one C call) where the engine has a fused step,
         else op by op (the reference path, any backend and device). Both append to the cache through
         `BlockManager.append_many`, which raises OutOfBlocks changing nothing."""
-        self._check(chunks)
+        lists = self._check(chunks)
         if self.fused is not None and chunks:
-            return self._step_fused(chunks, all_logits)
+            return self._step_fused(chunks, all_logits, *lists)
         return self._step_ops(chunks, all_logits)
 
-    def _check(self, chunks: Sequence[Chunk]) -> None:
-        # A list at a time (this runs for every row of every step), then, only if something is wrong,
-        # chunk by chunk to say which and what (`_refuse`).
+    def _check(self, chunks: Sequence[Chunk]) -> tuple[list, list[int], list[int], list[int]]:
+        """(sequences, sizes, start positions, end positions) of the chunks, checked a list at a time
+        (this runs for every row of every step); only if something is wrong, chunk by chunk to say
+        which and what (`_refuse`)."""
         c, mgr = self.config, self.cache.manager
         seqs = [ch.seq for ch in chunks]
         sizes = [len(ch.tokens) for ch in chunks]
@@ -295,15 +296,13 @@ class Engine:
                                 or min(map(min, (ch.tokens for ch in chunks))) < 0
                                 or max(map(max, (ch.tokens for ch in chunks))) >= c.vocab_size))):
             self._refuse(chunks)
+        return seqs, sizes, starts, ends
 
-    def _step_fused(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
+    def _step_fused(self, chunks: Sequence[Chunk], all_logits: bool, seqs: list, sizes: list[int],
+                    starts: list[int], ends: list[int]) -> torch.Tensor | list[torch.Tensor]:
         """The whole step in one C call (cpu_kernels.FusedStep), rows in the caller's chunk order (the
-        C step reads each row's own blocks, whatever the order)."""
+        C step reads each row's own blocks, whatever the order); the lists are `_check`'s."""
         mgr = self.cache.manager
-        seqs = [ch.seq for ch in chunks]
-        sizes = [len(ch.tokens) for ch in chunks]
-        starts = [ch.start_pos for ch in chunks]
-        ends = [a + n for a, n in zip(starts, sizes, strict=True)]
         bounds = list(itertools.accumulate(sizes, initial=0))
         tokens = list(itertools.chain.from_iterable(ch.tokens for ch in chunks))
         positions = list(itertools.chain.from_iterable(map(range, starts, ends)))
