@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+# 0 < temperature < this is greedy, an argmax (vLLM's _SAMPLING_EPS): z / t overflows float64 for a
+# small enough t, and long before that the draw is an argmax in all but exact ties.
+MIN_TEMPERATURE = 1e-5
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits (..., V) with everything outside each row's top-k and top-p nucleus set to -inf (a copy;

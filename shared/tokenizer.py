@@ -47,7 +47,6 @@ import hashlib
 import heapq
 import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
@@ -56,6 +55,7 @@ from pathlib import Path
 import regex
 
 from shared.cli import progress
+from shared.results import write_text
 
 GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -287,20 +287,17 @@ class Tokenizer:
             raise ValueError(f"tokenizer: 'special_tokens' is {d['special_tokens']!r}, expected {expected!r}")
         return cls([tuple(m) for m in merges], pattern=d["pattern"])
 
+    def check_vocab_size(self, vocab_size: int, where: str | os.PathLike) -> None:
+        """Raise ValueError unless this tokenizer has exactly the model's `vocab_size` tokens: with
+        fewer, the model can sample ids it cannot decode; with more, prompts encode to ids the model
+        has no embedding for. `where` (a path) starts the message."""
+        if self.vocab_size != vocab_size:
+            raise ValueError(f"{where}: the tokenizer has {self.vocab_size} tokens but the model's "
+                             f"vocab_size is {vocab_size}; they must match")
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer as JSON, atomically (temp file in the same folder, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the tokenizer as JSON, atomically (`shared.results.write_text`)."""
+        write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

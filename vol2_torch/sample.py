@@ -18,9 +18,7 @@ import sys
 import torch
 
 from shared.cli import ArgumentParser, fail
-from shared.sampling import filter_logits
-
-MIN_TEMPERATURE = 1e-5  # 0 <= temperature < this samples greedily (vLLM's rule)
+from shared.sampling import MIN_TEMPERATURE, filter_logits
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -125,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if tok_dict is None:
             return fail(f"{args.ckpt} has no tokenizer; sample from a checkpoint written by vol2_torch.train")
         tok = Tokenizer.from_dict(tok_dict)
-        if tok.vocab_size != model.config.vocab_size:
-            return fail(f"{args.ckpt}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
-                        f"is {model.config.vocab_size}")
+        tok.check_vocab_size(model.config.vocab_size, args.ckpt)
         ids = [tok.bos_id] + tok.encode(args.prompt)
         new = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stop_ids=(tok.eos_id,))

@@ -44,11 +44,8 @@ def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant:
         raise FileNotFoundError(f"{p}: neither a checkpoint directory ({META_FILE}) nor a Hugging Face "
                                 f"model folder (config.json)")
     tokenizer = Tokenizer.from_dict(tok) if tok is not None else None
-    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
-        # fewer tokens: the model can sample ids the tokenizer cannot decode; more: prompts encode to
-        # ids the model has no embedding for. Either fails mid-request; say so at load.
-        raise ValueError(f"{p}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {config.vocab_size}; they must match")
+    if tokenizer is not None:
+        tokenizer.check_vocab_size(config.vocab_size, p)
     weights = ModelWeights.from_state_dict(state, config, dtype)
     if quant is not None:
         weights = weights.quantize(lm_head=quant == "int8", route=int8_route)

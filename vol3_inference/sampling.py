@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.sampling import filter_logits
+from shared.sampling import MIN_TEMPERATURE, filter_logits
 from vol3_inference import cpu_kernels
-
-MIN_TEMPERATURE = 1e-5  # 0 < temperature < this is greedy (vLLM's _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
