@@ -33,7 +33,6 @@ printed; --publish DIR copies it to DIR/vol3.md), vol3.png (the tables as bars) 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -168,7 +167,7 @@ def roofline(weights: ModelWeights, qweights: ModelWeights, cache: tuple[str, in
 @torch.inference_mode()
 def validation_bpb(weights: ModelWeights, val: np.ndarray, tokenizer, n_tokens: int, seq_len: int) -> float:
     """Bits per byte over the first n_tokens validation targets, windows of seq_len, via the engine."""
-    from shared.data import iter_eval_batches
+    from shared.data import bits_per_byte, iter_eval_batches
 
     engine = Engine(weights, n_blocks=-(-seq_len // 16), block_size=16)
     tokens = np.asarray(val[:n_tokens + 1], dtype=np.int64)
@@ -182,7 +181,7 @@ def validation_bpb(weights: ModelWeights, val: np.ndarray, tokenizer, n_tokens: 
         engine.release("bpb")
         nll += F.cross_entropy(logits.double().cpu(), torch.from_numpy(y[0, :n]), reduction="sum").item()
         n_bytes += int(byte_len[y[0, :n]].sum())
-    return nll / math.log(2) / n_bytes
+    return bits_per_byte(nll, n_bytes)
 
 
 def int8_routes(device: torch.device) -> tuple[str, ...]:
