@@ -356,7 +356,8 @@ def _is_int8(w) -> bool:
 
 def step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_table: torch.Tensor) -> str | None:
     """Why `FusedStep` cannot run these (None if it can). weights: an `engine.ModelWeights`, float32
-    or with int8 matrices (`quant.Int8Weight`, taken by the w8a16 kernel: in_features % 16 == 0);
+    or with int8 matrices (`quant.Int8Weight` on the "w8a16" route, whose kernel it uses:
+    in_features % 16 == 0);
     k_cache, v_cache: (n_layers, NB, bs, Hkv, hd); rope_table: (max_pos, hd/2) complex64."""
     c = weights.config
     D, H, Hkv, hd, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size
@@ -373,6 +374,8 @@ def step_problem(weights, k_cache: torch.Tensor, v_cache: torch.Tensor, rope_tab
                 return "int8 weights must be int8 (N, K) with float32 scales on the CPU, K % 16 == 0"
             if tuple(m.q.shape) != shape or tuple(m.scale.shape) != shape[:1]:
                 return f"an int8 weight of shape {tuple(m.q.shape)} where the config makes it {shape}"
+            if getattr(m, "route", "w8a16") != "w8a16":  # (the bench compares routes op by op)
+                return f"int8 weights on route {m.route!r}: the fused step's int8 matmul is w8a16's"
         elif type(m) is not torch.Tensor or m.dtype is not torch.float32 or not m.is_cpu:
             return "the fused step takes float32 or int8 weight matrices on the CPU"
         elif tuple(m.shape) != shape:

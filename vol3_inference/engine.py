@@ -241,8 +241,6 @@ class Engine:
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta)  # (max_seq_len, hd/2) each
         real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
         self.rope_freqs = torch.complex(cos.to(real), sin.to(real)).to(self.device)  # cos + i sin, (max_seq_len, hd/2)
-        # The fused step's int8 matmul is the w8a16 route's: weights on another route run op by op.
-        fused = fused and weights.int8_route in (None, "w8a16")
         self.fused = self.ops.fused_step(weights, self.cache.k, self.cache.v, self.rope_freqs) if fused else None
         self._ids = itertools.count()
 
