@@ -4,10 +4,19 @@ Tests run two pytest workers on two cores (`make test` uses `-n 2`); torch's def
 thread per core would oversubscribe the machine (tiny models then run ~100x slower), so each worker
 uses one thread, and every test starts with one even if the test before it (a CLI run, a thread
 probe) changed it. Benchmarks, not tests, are where thread counts are tuned.
+
+Without CUDA, Triton kernels run in Triton's interpreter (`TRITON_INTERPRET=1`, numpy on the CPU).
+`@triton.jit` reads the variable when a kernel is decorated, so it is set here, before any test
+module imports a kernel module; a value already in the environment wins.
 """
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(1)
 
