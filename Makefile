@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PRESET ?= cpu
+PRESET ?= small
+CKPT   ?= runs/vol2-$(PRESET)/ckpt
 ARGS   ?=
 
 .PHONY: help setup test test-fast lint format data tokenizer-bench \
@@ -64,10 +65,10 @@ vol2-bench: setup  ## Volume 2: training tok/s, ours vs transformers.LlamaForCau
 	$(PY) -m bench.vol2 $(ARGS)
 
 vol2-sample: setup  ## Volume 2: sample from the trained model
-	$(PY) -m vol2_torch.sample $(ARGS)
+	$(PY) -m vol2_torch.sample --ckpt $(CKPT) $(ARGS)
 
 vol3-bench: setup  ## Volume 3: KV cache, roofline, int8, continuous batching vs baselines and HF generate
-	$(PY) -m bench.vol3 $(ARGS)
+	$(PY) -m bench.vol3 --ckpt $(CKPT) $(ARGS)
 
 quant-bench: setup  ## Volume 3: the int8 matmul routes vs fp32 F.linear, by weight shape and rows
 	$(PY) -m bench.quant $(ARGS)

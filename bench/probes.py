@@ -33,7 +33,7 @@ most of the steps, and fewer rows occur only while the batch drains at the end.
 auto` runs once at the start of the bench and `generate`) predicts the serving that follows. Each round
 runs the probe, then serves the bench's workload (random weights, as `overhead`) one request at a time
 and by continuous batching with 16 slots, at 1 and then 2 threads, and prints the probe's two times
-beside the four wall times. It needs two cores. (Default preset: cpu, the trained model's shape.)
+beside the four wall times. It needs two cores. (Default presets: large and small, the trained model's shape.)
 
 Timings are medians of interleaved rounds (`bench.timing`) on the current thread count (default 1:
 `--threads`; `threads` sets its own). Each probe writes probe-<name>.json and probe-<name>.md to --out.
@@ -197,7 +197,7 @@ def probe_argmax(doc: Report, preset: str, rows: list[int], rounds: int) -> None
 
 def bench_workload(c) -> tuple[ModelWeights, list]:
     """Random weights of config `c` (seed 0) and the vol3 bench's serving workload for them: 64 requests,
-    outputs up to 256 tokens (128 where max_seq_len > 256, as the bench's seed512)."""
+    outputs up to 256 tokens (128 where max_seq_len > 256, as the bench's large preset)."""
     torch.manual_seed(0)
     weights = ModelWeights.from_model(Transformer(c))
     work = make_workload(64, c.max_seq_len, lambda rng, n: [int(t) for t in rng.integers(1, c.vocab_size, n)],
@@ -297,7 +297,7 @@ def probe_threads(doc: Report, preset: str, rounds: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m bench.probes", description=__doc__.split("\n\n")[0])
     p.add_argument("probe", choices=PROBES, help="which measurement")
-    p.add_argument("--presets", default=None, help="comma-separated presets (default seed512,cpu; threads: cpu)")
+    p.add_argument("--presets", default=None, help="comma-separated presets (default large,small; threads: small)")
     p.add_argument("--rows", default=None,
                    help="layout, fused, argmax, overhead: batch rows to time (default: layout 1,4,16,64, the "
                         "others 1,2,4,8,16; overhead: the largest is the batch slots)")
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--rounds, --threads and --context must be >= 1")
     try:
         rows = [int(r) for r in (args.rows or ("1,4,16,64" if args.probe == "layout" else "1,2,4,8,16")).split(",")]
-        presets = [x.strip() for x in (args.presets or ("cpu" if args.probe == "threads" else "seed512,cpu")).split(",")
+        presets = [x.strip() for x in (args.presets or ("small" if args.probe == "threads" else "large,small")).split(",")
                    if x.strip()]
         for name in presets:
             get_preset(name)

@@ -22,7 +22,7 @@ from vol3_inference.quant import INT8_ROUTES, int8_linear, quantize_int8
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m bench.quant", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="1024x512,2752x512,512x1376,32000x512,4096x4096",
-                   help="comma-separated OUTxIN weight shapes (default: seed512's fused linears, its LM head, "
+                   help="comma-separated OUTxIN weight shapes (default: the large preset's fused linears, its LM head, "
                         "and 4096x4096)")
     p.add_argument("--batch", default="1,16", help="comma-separated activation rows M")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds per shape")

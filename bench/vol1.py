@@ -25,7 +25,7 @@ import torch
 
 from bench.report import Report, add_output_args
 from bench.timing import interleaved_times
-from shared.cli import ArgumentParser, fail, progress
+from shared.cli import ArgumentParser, fail, preset_arg, progress
 from shared.config import PRESETS, get_preset
 from vol1_numpy.blas_threads import set_threads
 from vol1_numpy.cross_entropy import cross_entropy_backward, cross_entropy_forward
@@ -36,7 +36,8 @@ from vol2_torch.train import lm_loss
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m bench.vol1", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model config (shared.config)")
+    p.add_argument("--preset", default="small", type=preset_arg, metavar="{" + ",".join(PRESETS) + "}",
+                   help="model config (shared.config; old names cpu, hf288, seed512 still work)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step B")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence T (default: the preset's max_seq_len)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per implementation and thread count")

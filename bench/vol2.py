@@ -48,13 +48,13 @@ import torch.nn.functional as F
 from bench.report import Report, add_output_args, say
 from bench.timing import interleaved_times, sync
 from shared.cli import ArgumentParser, fail, progress
-from shared.config import ModelConfig, get_preset
+from shared.config import ModelConfig, get_preset, preset_name
 from shared.device import DTYPES, pick_device
 from shared.results import machine
 from vol2_torch.hf import hf_config_dict, to_hf_state
 from vol2_torch.model import Transformer
 
-DEFAULT_PRESET = "hf288"
+DEFAULT_PRESET = "medium"
 
 
 def build_parser() -> ArgumentParser:
@@ -248,6 +248,7 @@ def print_table(doc: Report, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args.preset = preset_name(args.preset)  # an old name ("hf288") recorded as the new one
         config = get_preset(args.preset)
         device = pick_device(args.device)
     except ValueError as e:

@@ -1,7 +1,7 @@
 """`make vol3-bench`: the engine against its baselines and Hugging Face, side by side, in one process.
 
 Four tables, for the model trained by `make vol2-train` (trained on Shakespeare) and for the
-`seed512` preset with random weights (a larger, memory-bound case):
+`large` preset (40M parameters) with random weights (a larger, memory-bound case):
 
 1. decode tok/s at batch 1: full recompute (`generate_naive`) vs our paged KV cache vs Hugging Face
    `generate` on the same weights exported with `vol2_torch.hf.export_hf`, same dtype (fp32), greedy,
@@ -22,7 +22,7 @@ Timings interleave the compared variants round by round in one process and repor
 The header names the CPU and its SIMD extensions, which move these figures a lot.
 
 The trained model is never trained here: without a checkpoint at --ckpt the bench says so, skips it,
-and benchmarks seed512 (exit status 0); with --models trained alone it exits with status 2.
+and benchmarks the large preset (exit status 0); with --models trained alone it exits with status 2.
 
 Writes to --out (default runs/bench): vol3.json (rewritten atomically after every section, so a crash
 loses only the section it was in; "complete" is false until the end), vol3.md (the tables, as
@@ -54,6 +54,7 @@ from bench.timing import (
 )
 from bench.vol3_tables import draw_chart, draw_timeline, print_tables
 from bench.workload import BATCHED, bench_serving, make_workload
+from shared.checkpoint import DEFAULT_CKPT
 from shared.cli import ArgumentParser, fail
 from shared.config import get_preset
 from shared.device import pick_device
@@ -63,9 +64,6 @@ from vol2_torch.model import Transformer
 from vol3_inference.engine import Engine, ModelWeights, generate_naive, tune_allocator
 from vol3_inference.kv_cache import kv_bytes_per_token
 from vol3_inference.sampling import SamplingParams
-
-DEFAULT_CKPT = "runs/vol2-cpu/ckpt"
-
 
 # --- models ----------------------------------------------------------------------------------------
 
@@ -239,7 +237,7 @@ def bench_model(name, model, weights, tokenizer_dict, tokenizer, prompt_source, 
         res["roofline"] = roofline(weights, qweights, args.cache, args.rounds, args.device)
     if "decode" in args.sections:
         say(f"\n[{name}] exporting to Hugging Face format and loading LlamaForCausalLM ...")
-        hf = hf_model(model, out_dir / f"hf-{name.split()[0]}", tokenizer_dict).to(args.device)  # hf-trained, hf-seed512
+        hf = hf_model(model, out_dir / f"hf-{name.split()[0]}", tokenizer_dict).to(args.device)  # hf-trained, hf-large
         say(f"[{name}] decode at batch 1 ...")
         res["decode"] = bench_decode(model, weights, hf, prompt, n_new, args.rounds)
         del hf
@@ -278,11 +276,12 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m bench.vol3", description=__doc__.split("\n\n")[0],
                        epilog="Without a trained checkpoint at --ckpt the trained model is skipped with a message\n"
                               "(`make vol2-train` makes one; the bench never trains): the exit status is 0 if\n"
-                              "seed512 ran, 2 if no model was benchmarked.",
+                              "the large preset ran, 2 if no model was benchmarked.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_CKPT,
                    help="trained checkpoint (skipped with a message if missing: `make vol2-train` makes it)")
-    p.add_argument("--models", default="trained,seed512", help="comma-separated: trained, seed512")
+    p.add_argument("--models", default="trained,large",
+                   help="comma-separated: trained, large (the 40M preset, random weights; old name seed512)")
     p.add_argument("--sections", default="decode,int8,serving", help="comma-separated: decode, int8, serving")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where every variant runs: auto = cuda when torch sees one, else cpu")
@@ -291,23 +290,23 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per decode measurement (trained)")
     p.add_argument("--requests", type=int, default=64, help="requests in the serving workload (trained)")
-    p.add_argument("--seed512-new-tokens", type=int, default=64, help="--new-tokens for seed512")
-    p.add_argument("--seed512-requests", type=int, default=64, help="--requests for seed512")
+    p.add_argument("--large-new-tokens", "--seed512-new-tokens", type=int, default=64, help="--new-tokens for large")
+    p.add_argument("--large-requests", "--seed512-requests", type=int, default=64, help="--requests for large")
     p.add_argument("--max-batch", type=int, default=16,
                    help="batch slots (= KV memory) for static and continuous batching (trained)")
-    p.add_argument("--seed512-max-batch", type=int, default=16, help="--max-batch for seed512")
+    p.add_argument("--large-max-batch", "--seed512-max-batch", type=int, default=16, help="--max-batch for large")
     p.add_argument("--serving-rounds", type=int, default=5,
                    help="alternating runs of sequential and the batched policies; each keeps its fastest "
                         "(trained; a round costs ~7 s, its continuous run ~1 s, which a moment's load moves)")
-    p.add_argument("--seed512-serving-rounds", type=int, default=1,
-                   help="--serving-rounds for seed512 (a round costs ~55 s there, ~27 s of it sequential; "
+    p.add_argument("--large-serving-rounds", "--seed512-serving-rounds", type=int, default=1,
+                   help="--serving-rounds for large (a round costs ~55 s there, ~27 s of it sequential; "
                         "2 rounds took the bench to its 5 minutes)")
     p.add_argument("--sweep", default="8",
                    help="more batch-slot counts at which the batched policies are rerun (trained; e.g. 8,32); '' for none")
-    p.add_argument("--seed512-sweep", default="",
-                   help="--sweep for seed512 (none by default: each point costs ~45 s there)")
-    p.add_argument("--seed512-max-output", type=int, default=128,
-                   help="longest output of the seed512 serving workload (256 for the trained model)")
+    p.add_argument("--large-sweep", "--seed512-sweep", default="",
+                   help="--sweep for large (none by default: each point costs ~45 s there)")
+    p.add_argument("--large-max-output", "--seed512-max-output", type=int, default=128,
+                   help="longest output of the large serving workload (256 for the trained model)")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="leave glibc's allocator as it is (see engine.tune_allocator)")
     p.add_argument("--val-tokens", type=int, default=16384, help="validation tokens scored for bpb")
@@ -319,16 +318,16 @@ def build_parser() -> ArgumentParser:
 def parse_args(argv: list[str] | None):
     """The parsed flags, or an error message for a bad one."""
     args = build_parser().parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or set(models) - {"trained", "seed512"}:
-        return f"--models takes trained and/or seed512, got {args.models!r}"
+    models = [{"seed512": "large"}.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - {"trained", "large"}:
+        return f"--models takes trained and/or large, got {args.models!r}"
     args.models = models
-    for flag in ("rounds", "serving_rounds", "seed512_serving_rounds", "new_tokens", "requests", "max_batch",
-                 "val_tokens", "agree_prompts", "seed512_new_tokens", "seed512_requests", "seed512_max_batch",
-                 "seed512_max_output"):
+    for flag in ("rounds", "serving_rounds", "large_serving_rounds", "new_tokens", "requests", "max_batch",
+                 "val_tokens", "agree_prompts", "large_new_tokens", "large_requests", "large_max_batch",
+                 "large_max_output"):
         if getattr(args, flag) < 1:
             return f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}"
-    for flag in ("sweep", "seed512_sweep"):
+    for flag in ("sweep", "large_sweep"):
         try:
             items = [int(x) for x in getattr(args, flag).split(",") if x.strip()]
         except ValueError:
@@ -401,24 +400,24 @@ def main(argv: list[str] | None = None) -> int:
         if "serving" in res:
             draw_timeline(res["serving"], out_dir / "vol3_timeline.png",
                           f"{name}: {args.requests} requests, {args.max_batch} batch slots")
-    if "seed512" in args.models:
+    if "large" in args.models:
         torch.manual_seed(0)
-        model = Transformer(get_preset("seed512")).eval()
+        model = Transformer(get_preset("large")).eval()
         V = model.config.vocab_size
 
         def rand_prompt(rng, n):
             return [int(t) for t in rng.integers(0, V, n)]
 
-        name = "seed512 (random weights)"
+        name = "large (random weights)"
         res = bench_model(name, model, ModelWeights.from_model(model), None, None, rand_prompt, None, args,
-                          out_dir, args.seed512_new_tokens, args.seed512_requests, args.seed512_max_batch,
-                          args.seed512_max_output, 2, args.seed512_sweep, args.seed512_serving_rounds,
+                          out_dir, args.large_new_tokens, args.large_requests, args.large_max_batch,
+                          args.large_max_output, 2, args.large_sweep, args.large_serving_rounds,
                           save=save)
         results["models"][name] = res
         print_tables(doc, name, res)
         if len(results["models"]) == 1 and "serving" in res:  # the timeline shows the trained model if any
             draw_timeline(res["serving"], out_dir / "vol3_timeline.png",
-                          f"{name}: {args.seed512_requests} requests, {args.seed512_max_batch} batch slots")
+                          f"{name}: {args.large_requests} requests, {args.large_max_batch} batch slots")
     if not results["models"]:
         return fail("no model was benchmarked (no trained checkpoint, and --models has only 'trained')")
     results["wall_s"] = time.perf_counter() - t_start

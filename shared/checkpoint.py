@@ -45,6 +45,9 @@ FORMAT = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "checkpoint.json"
+# Where `make vol2-train` leaves its model (vol2_torch/train.py writes runs/vol2-<preset>/ckpt), and so
+# where sampling, the engine's CLIs and the benches look by default.
+DEFAULT_CKPT = "runs/vol2-small/ckpt"
 
 
 class CheckpointError(ValueError):

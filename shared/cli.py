@@ -17,6 +17,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def preset_arg(name: str) -> str:
+    """argparse `type=` for a --preset flag: the preset's own name (old aliases mapped, "cpu" ->
+    "small"), or an argparse error listing the known names."""
+    from shared.config import preset_name
+
+    try:
+        return preset_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print `error: message` on stderr and return `code`, for `sys.exit(main())`."""
     print(f"error: {message}", file=sys.stderr)

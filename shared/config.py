@@ -163,25 +163,36 @@ class ModelConfig:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_element
 
 
-# Named presets. `cpu` is the default for `make vol2-train`: chosen by measurement on a 2-core CPU
-# (see vol2_torch/README.md, "How the CPU preset was chosen").
+# Named presets, by size. `small` is the default for `make vol2-train`: chosen by measurement on a
+# 2-core CPU (see vol2_torch/README.md, "How the small preset was chosen").
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64,
                         multiple_of=16),
-    "cpu": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048, max_seq_len=256),
-    # A common small size (the TinyStories 15M model of llama2.c, vocab cut to 4096); `make vol2-bench` uses it.
-    "hf288": ModelConfig(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=4096, max_seq_len=256),
-    "seed512": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000,
-                           max_seq_len=1024),
+    # ~2M parameters: trains in ten minutes on two CPU cores; the model the chapters' figures use.
+    "small": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048, max_seq_len=256),
+    # ~7M: the TinyStories 15M shape of llama2.c with the vocabulary cut to 4096 (head dim 48, MHA);
+    # `make vol2-bench` uses it.
+    "medium": ModelConfig(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=4096, max_seq_len=256),
+    # ~40M: a LLaMA-style vocabulary of 32,000 and 1,024 positions; memory-bound at decode.
+    "large": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024),
 }
+# The names these presets had before they were named by size; still accepted everywhere a preset is.
+PRESET_ALIASES: dict[str, str] = {"cpu": "small", "hf288": "medium", "seed512": "large"}
+
+
+def preset_name(name: str) -> str:
+    """The preset's own name for `name`, which may be an old alias ("cpu" -> "small").
+    Raises `ValueError` listing the known names."""
+    name = PRESET_ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} "
+                         f"(old names: {', '.join(f'{a}={n}' for a, n in PRESET_ALIASES.items())})")
+    return name
 
 
 def get_preset(name: str) -> ModelConfig:
-    """The preset called `name`. Raises `ValueError` listing the known names."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    """The preset called `name` (or an old alias of it). Raises `ValueError` listing the known names."""
+    return PRESETS[preset_name(name)]
 
 
 def describe_presets() -> str:

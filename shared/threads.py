@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 DECODE_PROBE = ((1, 512, 1536), (32, 512, 1536))  # (rows, in, out): one decode row, a batch of 32
-TRAIN_PROBE = ((1024, 192, 512),)  # one micro-batch of the cpu preset (4 x 256 tokens, dim 192)
+TRAIN_PROBE = ((1024, 192, 512),)  # one micro-batch of the small preset (4 x 256 tokens, dim 192)
 # Within this fraction of the fastest count, the larger count is kept: a near tie says only that the
 # probe could not tell (a busy core made two threads 2.3-13x slower here, not a few percent), and the
 # many-row work that follows (a batched decode step, a training step) gains from the second thread.

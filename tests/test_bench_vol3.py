@@ -21,25 +21,25 @@ from vol3_inference.sampling import SamplingParams
 
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=48,
                      multiple_of=16)
-SMALL = ["--threads", "1", "--no-tune-malloc", "--rounds", "1", "--seed512-new-tokens", "4",
-         "--seed512-requests", "4", "--seed512-max-batch", "2", "--seed512-max-output", "8"]
+SMALL = ["--threads", "1", "--no-tune-malloc", "--rounds", "1", "--large-new-tokens", "4",
+         "--large-requests", "4", "--large-max-batch", "2", "--large-max-output", "8"]
 
 
 @pytest.fixture
-def tiny_seed512(monkeypatch):
-    monkeypatch.setattr(vol3, "get_preset", lambda name: get_preset("tiny"))  # "seed512", made small
+def tiny_large(monkeypatch):
+    monkeypatch.setattr(vol3, "get_preset", lambda name: get_preset("tiny"))  # "large", made small
 
 
 @pytest.mark.slow
-def test_smoke_every_section_on_tiny_skips_the_missing_trained_model(tmp_path, tiny_seed512, capsys):
+def test_smoke_every_section_on_tiny_skips_the_missing_trained_model(tmp_path, tiny_large, capsys):
     out, pub = tmp_path / "out", tmp_path / "results"
     assert vol3.main([*SMALL, "--ckpt", str(tmp_path / "no-ckpt"), "--out", str(out), "--publish", str(pub)]) == 0
     printed = capsys.readouterr().out
     assert f"no trained checkpoint at {tmp_path / 'no-ckpt'}: run `make vol2-train` first" in printed
     assert f"- machine: {describe_machine()}" in printed
     res = json.loads((out / "vol3.json").read_text())
-    assert res["complete"] is True and list(res["models"]) == ["seed512 (random weights)"]
-    r = res["models"]["seed512 (random weights)"]
+    assert res["complete"] is True and list(res["models"]) == ["large (random weights)"]
+    r = res["models"]["large (random weights)"]
     assert r["decode"]["greedy_equal_naive"] and set(r["int8"]["tok_s"]) == {"fp32", "w8a16"}
     assert r["serving"]["outputs_identical"] and r["roofline"]["int8"]["bytes"] < 0.3 * r["roofline"]["fp32"]["bytes"]
     md = (out / "vol3.md").read_text()
@@ -60,7 +60,7 @@ def test_only_the_trained_model_and_no_checkpoint_is_exit_2_and_nothing_trained(
     assert not (tmp_path / "none").exists()  # nothing was trained there
 
 
-def test_json_after_every_section_so_a_crash_keeps_the_finished_ones(tmp_path, monkeypatch, tiny_seed512):
+def test_json_after_every_section_so_a_crash_keeps_the_finished_ones(tmp_path, monkeypatch, tiny_large):
     path = tmp_path / "vol3.json"
     seen = []
 
@@ -90,7 +90,7 @@ def test_json_after_every_section_so_a_crash_keeps_the_finished_ones(tmp_path, m
     monkeypatch.setattr(vol3, "bench_int8", fake_int8)
     monkeypatch.setattr(vol3, "bench_serving", fake_serving)
     with pytest.raises(RuntimeError, match="killed"):
-        vol3.main(["--out", str(tmp_path), "--models", "seed512", "--device", "cpu", "--threads", "1",
+        vol3.main(["--out", str(tmp_path), "--models", "large", "--device", "cpu", "--threads", "1",
                    "--no-tune-malloc"])
     assert seen == ["decode", "int8", "serving"]
     got = on_disk()  # what the crash left: the two sections that finished
@@ -159,7 +159,7 @@ def test_workload_and_serving_harness(tmp_path):
     assert "Decode-only steps" in text and "A step costs about" in text
     assert "the fastest of 2 alternating runs" in text and "one run each" not in text
     assert _printed_serving(json.loads(json.dumps(report))) == printed  # read back from vol3.json: the same
-    once = json.loads(json.dumps(report))  # as --seed512-serving-rounds 1 leaves it
+    once = json.loads(json.dumps(report))  # as --large-serving-rounds 1 leaves it
     for k in ("sequential", *BATCHED):
         once["serving"][k]["walls"] = once["serving"][k]["walls"][:1]
     assert "fp32 policies: one run each." in _printed_serving(once)
@@ -193,9 +193,9 @@ def test_decode_step_times_count_only_decode_steps_by_their_rows():
     assert step_ms_at({"decode_step_ms": got}, 2) is got[1] and step_ms_at({}, 1) is None
 
 
-@pytest.mark.parametrize("argv", [["--sweep", "8,x"], ["--sweep", "0"], ["--seed512-sweep", "²"],
+@pytest.mark.parametrize("argv", [["--sweep", "8,x"], ["--sweep", "0"], ["--large-sweep", "²"],
                                   ["--models", "gpt"], ["--sections", "speed"], ["--rounds", "0"],
-                                  ["--serving-rounds", "0"], ["--seed512-serving-rounds", "0"],
+                                  ["--serving-rounds", "0"], ["--large-serving-rounds", "0"],
                                   ["--no-train"]])
 def test_bad_flags_are_one_line_errors(argv, tmp_path, capsys):
     try:
@@ -213,3 +213,8 @@ def test_cuda_asked_for_without_one_is_one_clear_line(tmp_path, capsys):
     assert vol3.main(["--out", str(tmp_path), "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "CUDA" in err[0], err
+
+
+def test_old_preset_name_and_flags_still_parse():
+    args = vol3.parse_args(["--models", "trained,seed512", "--seed512-requests", "3", "--seed512-sweep", "4"])
+    assert args.models == ["trained", "large"] and args.large_requests == 3 and args.large_sweep == [4]

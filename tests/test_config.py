@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.config import PRESETS, ModelConfig, get_preset
+from shared.config import PRESET_ALIASES, PRESETS, ModelConfig, get_preset, preset_name
 
 
 @pytest.mark.parametrize(
@@ -41,12 +41,28 @@ def test_presets_valid_and_round_trip(name, tmp_path):
     assert ModelConfig.load(tmp_path / "c.json") == cfg
 
 
-def test_seed512_is_the_seed_course_model():
-    c = get_preset("seed512")
+def test_large_is_the_40m_model():
+    c = get_preset("large")
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size) == (512, 8, 8, 4, 32000)
     assert c.n_rep == 2 and c.head_dim == 64
     # fp32 weights of ~40M parameters: the ~160 MB of weights read per decoded token (Chapter 3, section 1)
     assert 155e6 < 4 * c.num_params() < 165e6
+
+
+@pytest.mark.parametrize("old, new", sorted(PRESET_ALIASES.items()))
+def test_old_preset_names_still_work(old, new):
+    assert preset_name(old) == new and get_preset(old) is PRESETS[new]
+
+
+def test_unknown_preset_lists_the_names():
+    with pytest.raises(ValueError, match="tiny, small, medium, large"):
+        get_preset("huge")
+
+
+def test_train_cli_maps_an_old_name_to_the_new_run_folder():
+    from vol2_torch.train import build_parser
+
+    assert build_parser().parse_args(["--preset", "cpu"]).preset == "small"
 
 
 def test_derived_values_follow_meta_reference():

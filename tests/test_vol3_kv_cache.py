@@ -140,7 +140,7 @@ def test_paged_cache_shapes_and_bytes():
     mha = kv_bytes_per_token(config, torch.float32, "mha")
     assert gqa == 2 * 3 * 2 * 8 * 4 and mha == 4 * gqa
     assert gqa == config.kv_cache_bytes_per_token(4)
-    seed = get_preset("seed512")  # 2 * 8 layers * 4 KV heads * 64 * 4 B = 16 KiB/token; MHA 32 KiB
+    seed = get_preset("large")  # 2 * 8 layers * 4 KV heads * 64 * 4 B = 16 KiB/token; MHA 32 KiB
     assert kv_bytes_per_token(seed) == 16384 and kv_bytes_per_token(seed, layout="mha") == 32768
     with pytest.raises(ValueError, match="layout"):
         kv_bytes_per_token(config, layout="mla")

@@ -62,7 +62,7 @@ def single_threaded_blas():
     once per matrix, and a multi-threaded BLAS wakes and joins its threads on every call, B*H times per
     matmul. The per-head matrices are small enough that one thread does them about as fast on an idle
     machine, and on a busy one each join can cost a whole scheduler time slice (measured with cProfile:
-    attention's forward + backward 13.9 s per training step at 2 threads vs 0.3 s at 1, `cpu` preset, B 8).
+    attention's forward + backward 13.9 s per training step at 2 threads vs 0.3 s at 1, small preset, B 8).
     """
     n = blas_threads()
     if n is None or n == 1:

@@ -7,7 +7,7 @@ Sampling (Holtzman et al. 2020 for top-p): logits / temperature, keep the top-k,
 of tokens whose probability reaches top_p, renormalize, draw. A temperature under MIN_TEMPERATURE (0
 included) means greedy: dividing by a tinier one (5e-324) overflows the logits to inf.
 
-    python -m vol2_torch.sample --ckpt runs/vol2-cpu/ckpt --prompt "Ham." --max-new-tokens 200
+    python -m vol2_torch.sample --ckpt runs/vol2-small/ckpt --prompt "Ham." --max-new-tokens 200
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from shared.checkpoint import DEFAULT_CKPT
 from shared.cli import ArgumentParser, fail
 from shared.sampling import MIN_TEMPERATURE, filter_logits
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="python -m vol2_torch.sample",
                             description="Generate text from a Volume 2 checkpoint (full recompute).")
-    parser.add_argument("--ckpt", default="runs/vol2-cpu/ckpt",
+    parser.add_argument("--ckpt", default=DEFAULT_CKPT,
                         help="checkpoint folder (ours or a Hugging Face Llama folder)")
     parser.add_argument("--prompt", default="\n", help="text to continue (not empty)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (>= 1)")

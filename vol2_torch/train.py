@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from shared.cli import ArgumentParser, fail, progress
+from shared.cli import ArgumentParser, fail, preset_arg, progress
 from shared.config import PRESETS, ModelConfig, get_preset
 from shared.corpus import CorpusError, add_corpus_args, load_corpus
 from shared.data import BatchSampler, bits_per_byte, iter_eval_batches, prepare_dataset
@@ -65,9 +65,9 @@ from vol2_torch.sample import check_prompt, generate
 # Training recipe per preset; every value can be overridden by its flag.
 RECIPES = {
     "tiny": dict(batch_size=8, lr=3e-3, warmup_steps=30, max_minutes=1.0),
-    "cpu": dict(batch_size=4, lr=2e-3, warmup_steps=50, max_minutes=10.0),
-    "hf288": dict(batch_size=16, lr=1e-3, warmup_steps=50, max_minutes=10.0),
-    "seed512": dict(batch_size=32, lr=1e-3, warmup_steps=200, max_minutes=30.0),
+    "small": dict(batch_size=4, lr=2e-3, warmup_steps=50, max_minutes=10.0),
+    "medium": dict(batch_size=16, lr=1e-3, warmup_steps=50, max_minutes=10.0),
+    "large": dict(batch_size=32, lr=1e-3, warmup_steps=200, max_minutes=30.0),
 }
 CALIBRATION_STEPS = 30  # steps timed before the step count is fixed (auto mode)
 RECALIBRATION_STEPS = 300  # ... and fixed again here, from the mean wall time of the steps since
@@ -94,7 +94,8 @@ class RunClock:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vol2_torch.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size and recipe")
+    p.add_argument("--preset", default="small", type=preset_arg, metavar="{" + ",".join(PRESETS) + "}",
+                   help="model size and recipe (old names cpu, hf288, seed512 still work)")
     g = p.add_argument_group("model (override the preset)")
     for flag, attr in (("--dim", "dim"), ("--n-layers", "n_layers"), ("--n-heads", "n_heads"),
                        ("--n-kv-heads", "n_kv_heads"), ("--vocab-size", "vocab_size"),

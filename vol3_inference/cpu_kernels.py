@@ -55,7 +55,7 @@ RESTYPES = {"paged_decode_attention_f32": ctypes.c_int64,  # error codes, and a 
             "attend_scratch_floats": ctypes.c_int64}
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # Split a matmul over torch's threads from this many weights: below it, waking a second thread costs
-# more than it saves (measured on seed512's and the trained model's matrices at batch 1).
+# more than it saves (measured on the large preset's and the trained model's matrices at batch 1).
 PARALLEL_MIN_WEIGHTS = 1 << 18
 
 

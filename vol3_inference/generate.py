@@ -1,7 +1,7 @@
 """Command line: generate text from a checkpoint with the Volume 3 engine.
 
-    python -m vol3_inference.generate --ckpt runs/vol2-cpu/ckpt --prompt "HAMLET." --stream
-    python -m vol3_inference.generate --ckpt hf/vol2-cpu --prompt "O Romeo" --prompt "To be" --quant int8
+    python -m vol3_inference.generate --ckpt runs/vol2-small/ckpt --prompt "HAMLET." --stream
+    python -m vol3_inference.generate --ckpt hf/vol2-small --prompt "O Romeo" --prompt "To be" --quant int8
 
 Several --prompt flags run as one continuously batched job; --stream prints the (single) request's text
 as it is produced. Bad input (a missing checkpoint, invalid sampling values, a tokenizer that does

@@ -395,7 +395,7 @@ class Scheduler:
 class LLM:
     """Generate text from a model with continuous batching.
 
-    >>> llm = LLM.from_path("runs/vol2-cpu/ckpt")
+    >>> llm = LLM.from_path("runs/vol2-small/ckpt")
     >>> outs = llm.generate(["To be, or not", "O Romeo"], SamplingParams(max_tokens=32))
     """
 
