@@ -18,6 +18,16 @@ al. 2023, section 4.5) decides who runs at *every step*:
        stop condition leaves at once and frees its blocks, so a waiting one can take its place in
        the very next step.
 
+Prefix caching (`enable_prefix_caching`, on by default; see `kv_cache.py`): when a request is
+admitted, the full blocks of its known tokens are looked up by their chained keys, and the blocks
+found (K/V computed by an earlier or a running request with the same prefix) go into its table, so its
+prefill starts after them. At least its last token is always computed, for the logits that pick the
+next token. After each step, the blocks a request has just filled are registered for later requests.
+The tokens, and so the outputs, are the same with or without it (the K/V read are the ones the
+request would have computed: a token's K/V depends only on the tokens up to it). A preempted
+request finds its own blocks again if nothing evicted them. Under `policy="static"` it is off:
+padding rows rewrite a finished row's last position, which may lie in a shared block.
+
 The same machinery runs static batching (admit only when the batch is empty) and, with
 `max_batch=1`, one request at a time, so the benchmark compares them on one code path.
 `policy="static"` is static batching as the field uses the term: what a batched `model.generate`
@@ -50,6 +60,7 @@ import numpy as np
 import torch
 
 from vol3_inference.engine import Chunk, Engine, ModelWeights
+from vol3_inference.kv_cache import extend_keys
 from vol3_inference.sampling import SamplingParams, find_stop, greedy_tokens, make_generator, sample_token
 
 POLICIES = ("continuous", "static", "static-early-exit")
@@ -79,6 +90,8 @@ class Request:
     arrival_time: float = 0.0
     token_times: list[float] = field(default_factory=list)
     hold: int = 0  # characters of text a stream holds back: a stop string's prefix may be forming there
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
+    n_prefix_hit: int = 0  # tokens found in the prefix cache when it was (last) admitted
 
     @property
     def tokens(self) -> list[int]:
@@ -129,10 +142,15 @@ class Scheduler:
         policy: "continuous", "static" (finished rows stay, computed as padding, until the whole
             batch has finished) or "static-early-exit" (they leave the batch at once).
         trace: keep `self.trace`, a list of steps [(time, [(request id, n tokens, "prefill"|"decode")])].
+        enable_prefix_caching: share the KV blocks of common prompt prefixes between requests and keep
+            them after their request ends (see the module docstring); ignored (off) under "static".
+            `prefix_query_tokens` / `prefix_hit_tokens` count the known tokens of every admitted
+            request and those found cached.
     """
 
     def __init__(self, engine: Engine, tokenizer=None, eos_id: int | None = None, max_batch: int = 32,
-                 max_step_tokens: int = 512, policy: str = "continuous", trace: bool = False):
+                 max_step_tokens: int = 512, policy: str = "continuous", trace: bool = False,
+                 enable_prefix_caching: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
         if max_batch < 1 or max_step_tokens < 1:
@@ -145,6 +163,8 @@ class Scheduler:
         self.trace: list | None = [] if trace else None
         self.n_preemptions = 0
         self.n_steps = 0
+        self.prefix_caching = enable_prefix_caching and policy != "static"
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0
         self._done: list[Request] = []
         self._ids = itertools.count()
 
@@ -215,7 +235,7 @@ class Scheduler:
             padding = [r for r in self.running if r.finished]
             decoding = [r for r in self.running if not r.finished and r.n_cached == r.n_tokens - 1]
             need = sum(mgr.blocks_needed(r.id, 1) for r in decoding)
-            if need > len(mgr.free):
+            if need > mgr.n_free:
                 if padding:  # padding changes no output: drop it before preempting anyone
                     self._release_finished()
                     continue
@@ -228,7 +248,7 @@ class Scheduler:
                     self._preempt(self.running[-1])
                 continue
             plan = [(r, 1, "decode") for r in decoding] + [(r, 1, "pad") for r in padding]
-            budget, free = self.max_step_tokens - len(plan), len(mgr.free) - need
+            budget, free = self.max_step_tokens - len(plan), mgr.n_free - need
             # 2. continue chunked prefills, then admit waiting requests in arrival order
             starved = False  # a prefill chunk that does not fit in the free blocks
             for r in self.running:
@@ -245,12 +265,17 @@ class Scheduler:
             admit = self.policy == "continuous" or not any(r.output for r in self.running)
             while admit and self.waiting and budget > 0 and len(self.running) < self.max_batch:
                 r = self.waiting[0]
-                n = min(r.n_tokens, budget)
-                b = mgr.blocks_needed(r.id, n)
+                hit = self._match(r)  # cached blocks of its prefix ([] with prefix caching off)
+                n = min(r.n_tokens - len(hit) * mgr.block_size, budget)
+                b = -(-n // mgr.block_size) + mgr.room_to_share(hit)  # new blocks + cached-free ones it takes
                 if b > free:
                     break
                 self.waiting.popleft()
                 self.running.append(r)
+                if self.prefix_caching:
+                    r.n_cached = r.n_prefix_hit = mgr.share(r.id, hit)
+                    self.prefix_query_tokens += r.n_tokens
+                    self.prefix_hit_tokens += r.n_cached
                 plan.append((r, n, "prefill"))
                 budget, free = budget - n, free - b
             if padding and (starved or all(kind == "pad" for _, _, kind in plan)):
@@ -260,6 +285,19 @@ class Scheduler:
                 return plan
             # Running requests are stuck mid-prefill, each holding blocks the others need: make room.
             self._preempt(self.running[-1])
+
+    def _match(self, r: Request) -> list[int]:
+        """The cached blocks of `r`'s known tokens but the last (which must be computed for its
+        logits), longest prefix first; [] with prefix caching off."""
+        if not self.prefix_caching:
+            return []
+        mgr = self.engine.cache.manager
+        return mgr.match(extend_keys(r.block_keys, r.n_tokens - 1, mgr.block_size, r.token_slice))
+
+    def _register(self, r: Request) -> None:
+        """Offer the blocks `r` has filled (all its cached tokens computed) to later requests."""
+        mgr = self.engine.cache.manager
+        mgr.register(r.id, extend_keys(r.block_keys, r.n_cached, mgr.block_size, r.token_slice))
 
     def _release_finished(self) -> None:
         """Free the blocks of every finished request still in the batch and drop it: at the end of a
@@ -301,9 +339,12 @@ class Scheduler:
             if self.trace is not None:
                 self.trace.append((now, [(r.id, n, kind) for r, n, kind in plan]))
             ready = []  # plan rows whose request has every known token cached: each gets its next token
+            bs = self.engine.cache.block_size
             for i, (r, n, kind) in enumerate(plan):
                 if kind != "pad" and not r.finished:  # (a row that failed alone in `_isolate` is finished)
                     r.n_cached += n
+                    if self.prefix_caching and (r.n_cached - n) // bs < r.n_cached // bs:
+                        self._register(r)  # it filled a block this step
                     if r.n_cached == r.n_tokens:
                         ready.append(i)
             # Rows whose token this step is a plain argmax: one argmax for all of them. An argmax
@@ -401,13 +442,14 @@ class LLM:
 
     def __init__(self, weights: ModelWeights, tokenizer=None, *, n_blocks: int | None = None,
                  block_size: int = 16, max_batch: int = 32, max_step_tokens: int = 512,
-                 backend: str = "auto", policy: str = "continuous"):
+                 backend: str = "auto", policy: str = "continuous", enable_prefix_caching: bool = True):
         c = weights.config
         n_blocks = n_blocks or max_batch * -(-c.max_seq_len // block_size)
         self.engine = Engine(weights, n_blocks, block_size, backend)
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(self.engine, tokenizer, max_batch=max_batch,
-                                   max_step_tokens=max_step_tokens, policy=policy)
+                                   max_step_tokens=max_step_tokens, policy=policy,
+                                   enable_prefix_caching=enable_prefix_caching)
 
     @classmethod
     def from_path(cls, path, *, dtype: torch.dtype = torch.float32, quant: str | None = None,
