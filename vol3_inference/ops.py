@@ -12,8 +12,11 @@ the ops it accelerates, and registers itself in `BACKENDS`; everything it does n
 input it does not take) falls back to the reference, and tests run both backends on the same inputs
 and compare. `CpuOps` ("cpu") is the first: RMSNorm and paged decode attention as single C calls
 (`cpu_kernels.py`), for float32 on an x86 CPU with AVX2. (A C fp32 decode GEMV was a third backend,
-"cpu-gemv"; measured about even with MKL's, it was deleted.) GPU kernels would plug in the same way. The engine resolves its backend once, from a string ("auto": see `get_ops`), so configs stay
-serializable.
+"cpu-gemv"; measured about even with MKL's, it was deleted.) `TritonOps` ("triton",
+`triton_ops.py`) is the GPU's: Triton kernels for every op but the float matmuls, on CUDA (or on the
+CPU in Triton's interpreter, for checking); it is imported only when asked for, so this module needs
+no triton. The engine resolves its backend once, from a string ("auto": see `get_ops`), so configs
+stay serializable.
 
 Shape legend:
     N tokens in this step (all sequences, flattened), B sequences, T tokens of one sequence's chunk,
@@ -205,15 +208,41 @@ class CpuOps(TorchOps):
         return None
 
 
-BACKENDS: dict[str, type[TorchOps]] = {"torch": TorchOps, "cpu": CpuOps}
+class _Backends(dict):
+    """name -> op set. A value given as "module:Class" is imported on first lookup, so listing the
+    names (the CLI's --backend choices) imports nothing; a backend whose module cannot be imported
+    raises ValueError saying why."""
 
+    def __getitem__(self, name: str) -> type[TorchOps]:
+        value = super().__getitem__(name)
+        if isinstance(value, str):
+            import importlib
+
+            module, cls = value.split(":")
+            try:
+                value = getattr(importlib.import_module(module), cls)
+            except ImportError as e:
+                raise ValueError(f"backend {name!r} cannot run here: {e}") from None
+            self[name] = value
+        return value
+
+
+BACKENDS: dict[str, type[TorchOps]] = _Backends(
+    {"torch": TorchOps, "cpu": CpuOps, "triton": "vol3_inference.triton_ops:TritonOps"})
 
 
 def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[TorchOps]:
-    """The op set called `backend`. "auto": "cpu" on a CPU where the C kernels build and run, else
-    "torch". Raises ValueError listing the known backends, or if a C backend is asked for where its
-    kernels cannot run (saying why)."""
+    """The op set called `backend`. "auto": "triton" on CUDA where triton imports, "cpu" on a CPU
+    where the C kernels build and run, else "torch". Raises ValueError listing the known backends,
+    or if a backend is asked for where its kernels cannot run (saying why: triton on the CPU needs
+    TRITON_INTERPRET=1)."""
     if backend == "auto":
+        if torch.device(device).type == "cuda":
+            try:
+                return get_ops("triton", device)
+            except ValueError as e:
+                cpu_kernels.warn_once(f"{e}; using the PyTorch ops")
+                return TorchOps
         if torch.device(device).type != "cpu":
             return TorchOps
         why = cpu_kernels.unavailable("ops_avx2")
@@ -224,6 +253,12 @@ def get_ops(backend: str = "torch", device: torch.device | str = "cpu") -> type[
     if backend == "cpu" and (why := cpu_kernels.unavailable("ops_avx2")) is not None:
         raise ValueError(f"backend 'cpu' cannot run here: {why}")
     try:
-        return BACKENDS[backend]
+        ops = BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}") from None
+    if backend == "triton":
+        from vol3_inference import triton_ops
+
+        if (why := triton_ops.available(device)) is not None:
+            raise ValueError(f"backend 'triton' cannot run here: {why}")
+    return ops
