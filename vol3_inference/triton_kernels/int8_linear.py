@@ -136,9 +136,11 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, *, out: torch.Tensor | None = No
     N, K = w.q.shape
     x2 = x.reshape(-1, K)  # (M, K), a view
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    y = out.view(M, N)
     if M == 0:
-        return y.view(*x.shape[:-1], N)
+        return out
     args = (x2, w.q, w.scale, y)
     if M <= GEMV_MAX_ROWS:
         bn, bk, warps = GEMV_CONFIG
@@ -151,7 +153,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, *, out: torch.Tensor | None = No
         _w8_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             *args, M, N, K, x2.stride(0), w.q.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             DOT_FP32=dot_fp32, PRECISION="ieee", num_warps=warps, num_stages=stages)
-    return y.view(*x.shape[:-1], N)
+    return out
 
 
 def gemm_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:

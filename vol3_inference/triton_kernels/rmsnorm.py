@@ -94,19 +94,19 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
             out: torch.Tensor | None, residual_out: torch.Tensor | None):
     D = x.shape[-1]
     x2 = x.reshape(-1, D)  # (N, D): a view (rmsnorm_problem checked the layout)
-    out = (torch.empty_like(x2, memory_format=torch.contiguous_format) if out is None
-           else out.view(x2.shape))
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if residual is not None and residual_out is None:
+        residual_out = torch.empty_like(out)
+    out2 = out.view(x2.shape)  # (N, D) views of the contiguous outputs
     res2 = residual.reshape(-1, D) if residual is not None else x2
-    if residual is None:
-        res_out = out  # not written without a residual
-    else:
-        res_out = torch.empty_like(out) if residual_out is None else residual_out.view(x2.shape)
+    res_out2 = residual_out.view(x2.shape) if residual is not None else out2  # not written without one
     if x2.shape[0]:
         block, warps = pick_config(D)
-        _rmsnorm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, D, x2.stride(0), res2.stride(0),
-                                        out.stride(0), res_out.stride(0), float(eps),
+        _rmsnorm_kernel[(x2.shape[0],)](x2, res2, weight, out2, res_out2, D, x2.stride(0), res2.stride(0),
+                                        out2.stride(0), res_out2.stride(0), float(eps),
                                         BLOCK_D=block, HAS_RESIDUAL=residual is not None, num_warps=warps)
-    return out.view(x.shape), res_out.view(x.shape)
+    return out, residual_out
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None,
