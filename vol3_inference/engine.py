@@ -223,7 +223,7 @@ class Engine:
     Args:
         weights: the model; the engine, its cache and every tensor it makes live on its device.
         n_blocks / block_size: cache geometry; default room for 4 full-length sequences.
-        backend: op set from `ops.BACKENDS` ("torch", "cpu"), or "auto" (`ops.get_ops`).
+        backend: op set from `ops.BACKENDS` ("torch", "cpu", "triton"), or "auto" (`ops.get_ops`).
         fused: run each step as one call where the backend has a fused step (`ops.CpuOps.fused_step`:
             the C kernels, float32 or int8 weights); False: always op by op.
     """

@@ -53,7 +53,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the engine runs: auto = cuda when torch sees one, else cpu")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                   help="op backend: auto = the C kernels on a CPU where they build, else torch")
+                   help="op backend: auto = triton on CUDA, the C kernels on a CPU where they build, "
+                        "else torch (triton on the CPU needs TRITON_INTERPRET=1: slow, for checking)")
     return p
 
 
