@@ -11,7 +11,7 @@ ARGS   ?=
 
 .PHONY: help setup test test-fast lint format data tokenizer-bench \
         vol1-gradcheck vol1-train vol1-bench vol2-train vol2-bench vol2-sample \
-        vol3-bench quant-bench clean
+        vol3-bench quant-bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -72,6 +72,13 @@ vol3-bench: setup  ## Volume 3: KV cache, roofline, int8, continuous batching vs
 
 quant-bench: setup  ## Volume 3: the int8 matmul routes vs fp32 F.linear, by weight shape and rows
 	$(PY) -m bench.quant $(ARGS)
+
+# The GPU machine has no network and no pip, so gpu-check does not depend on setup: it runs the python3
+# it finds (GPU_PYTHON) with the checkout on PYTHONPATH. Without CUDA it prints one line and exits 0.
+GPU_PYTHON    ?= python3
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:  ## on a CUDA machine (no setup): Triton kernels, engine, bf16 training; report in runs/gpu-check/
+	PYTHONPATH=. GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 clean:  ## remove runs/ and caches (keeps data/ and .venv/)
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis
