@@ -11,7 +11,7 @@ ARGS   ?=
 
 .PHONY: help setup test test-fast lint format data tokenizer-bench \
         vol1-gradcheck vol1-train vol1-bench vol2-train vol2-bench vol2-sample \
-        vol3-bench quant-bench gpu-check clean
+        vol3-bench quant-bench gpu-check vol3-serve vol3-serve-bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -72,6 +72,12 @@ vol3-bench: setup  ## Volume 3: KV cache, roofline, int8, continuous batching vs
 
 quant-bench: setup  ## Volume 3: the int8 matmul routes vs fp32 F.linear, by weight shape and rows
 	$(PY) -m bench.quant $(ARGS)
+
+vol3-serve: setup  ## Volume 3: OpenAI-compatible HTTP server on the trained model (127.0.0.1:8000)
+	$(PY) -m vol3_inference.serve --ckpt $(CKPT) $(ARGS)
+
+vol3-serve-bench: setup  ## Volume 3: the server over HTTP vs LLM.generate, and prefix caching on/off
+	$(PY) -m bench.serve --ckpt $(CKPT) $(ARGS)
 
 # The GPU machine has no network and no pip, so gpu-check does not depend on setup: it runs the python3
 # it finds (GPU_PYTHON) with the checkout on PYTHONPATH. Without CUDA it prints one line and exits 0.

@@ -74,6 +74,7 @@ becomes "System: Speak as Hamlet.\\n\\nUser: Who's there?\\n\\nAssistant:". No s
 pass "stop": ["\\n\\nUser:"] to end the reply where the model starts the next turn."""
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 DEFAULT_MAX_BODY = 1 << 20  # bytes
+SWITCH_INTERVAL = 5e-4  # seconds: how long a thread may hold the GIL while another waits (default 5e-3)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 
@@ -399,14 +400,14 @@ class EngineLoop:
     def _deliver(self, outs: list[RequestOutput], handles: dict[str, Handle] | None = None) -> None:
         """Hand a step's outputs to their requests' queues, in one call into the asyncio loop."""
         handles = handles or self.handles
-        items, now = [], time.perf_counter()
+        items, now, n_new = [], time.perf_counter(), 0
         for out in outs:
             h = handles.get(out.id)
             if h is None:
                 continue
             m = self.metrics
             if out.new_token_ids:
-                m.generation_tokens.inc(len(out.new_token_ids))
+                n_new += len(out.new_token_ids)
                 if len(out.token_ids) == len(out.new_token_ids):  # its first token(s)
                     m.ttft.observe(now - h.t0)
             if out.finished:
@@ -418,6 +419,7 @@ class EngineLoop:
                 self._close(h)
             if out.finished or not h.final_only:
                 items.append((h.outputs, out))
+        self.metrics.generation_tokens.inc(n_new)
         if items:
             self.loop.call_soon_threadsafe(_put_all, items)
 
@@ -654,16 +656,25 @@ async def _events(engine: EngineLoop, h: Handle, model: str) -> AsyncIterator[st
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return _sse({**head, "choices": [choice], **extra})
 
+    # the chunks in between, the most of them, as text around one json.dumps of the new text
+    probe = json.loads(chunk("\x00", None)[6:])
+    before, after = json.dumps(probe).split(json.dumps("\x00"))
     try:
         if job.chat:
             yield chunk("", None, first=True)
         while True:
             out: RequestOutput = await h.outputs.get()
+            while not h.outputs.empty() and not out.finished:  # this stream fell behind: one chunk for all
+                nxt = h.outputs.get_nowait()
+                nxt.new_text, nxt.new_token_ids = out.new_text + nxt.new_text, out.new_token_ids + nxt.new_token_ids
+                out = nxt
             if out.finish_reason == "error":
                 yield _sse(APIError(500, f"the request failed while it ran: {out.error}").body())
                 break
-            if out.new_text or out.finished:
-                yield chunk(out.new_text, out.finish_reason if out.finished else None)
+            if out.finished:
+                yield chunk(out.new_text, out.finish_reason)
+            elif out.new_text:
+                yield f"data: {before}{json.dumps(out.new_text)}{after}\n\n"
             if out.finished:
                 if job.include_usage:
                     yield _sse({**head, "choices": [], "usage": _usage(h, out)})
@@ -728,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
         tune_allocator()
+    # The engine thread drops the GIL inside a step (ctypes, torch ops) and needs it back as the step
+    # ends; by default the HTTP thread may keep it for up to 5 ms (the switch interval), a step's worth.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         llm = LLM.from_path(args.ckpt, quant=args.quant, device=device, max_batch=args.max_running,
                             max_step_tokens=args.max_step_tokens, n_blocks=args.kv_blocks,
