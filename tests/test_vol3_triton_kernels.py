@@ -150,7 +150,12 @@ def test_swiglu(device, dtype, F):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N", [(1, 96, 40), (3, 200, 33), (5, 96, 40), (40, 70, 130)],
                          ids=["gemv-1", "gemv-3", "gemm-small", "gemm-large"])
-def test_int8_linear(device, dtype, M, K, N):
+@pytest.mark.parametrize("gpu_gemv", [False, True], ids=["", "gpu-gemv-tiles"])
+def test_int8_linear(device, dtype, M, K, N, gpu_gemv, monkeypatch):
+    if gpu_gemv:  # the interpreter's GEMV tiles are wider; run the GPU's tiles here too
+        if M > i8.GEMV_MAX_ROWS or device == "cuda":
+            pytest.skip("the GPU's GEMV tiles are what runs already")
+        monkeypatch.setattr(i8, "GEMV_CONFIG_INTERPRETED", i8.GEMV_CONFIG)
     torch.manual_seed(0)
     w, _ = quantize_int8(torch.randn(N, K))
     w.q, w.scale = w.q.to(device), w.scale.to(device)
@@ -270,9 +275,8 @@ def test_engine_on_triton_gives_the_torch_tokens(device, quant):
     weights = ModelWeights.from_model(tiny_model()).to(device)
     if quant:
         weights = weights.quantize(route="dequant")  # the torch ops' int8 reference: q * s, F.linear
-    n = 8 if quant is None else 3  # the interpreter runs the int8 GEMV one program at a time: slow
-    ref_toks, ref_logits = engine_tokens(weights, "torch", n)
-    toks, logits = engine_tokens(weights, "triton", n)
+    ref_toks, ref_logits = engine_tokens(weights, "torch", 8)
+    toks, logits = engine_tokens(weights, "triton", 8)
     assert len(set(ref_toks)) > 1, "a degenerate model would hide a wrong backend"
     assert toks == ref_toks
     torch.testing.assert_close(logits, ref_logits, atol=2e-4, rtol=2e-4)
@@ -343,3 +347,86 @@ def test_every_masked_load_says_what_masked_lanes_read():
                 if "mask" in keys and "other" not in keys:
                     missing.append(f"{path.name}:{node.lineno}")
     assert not missing, f"masked tl.load without other=: {missing}"
+
+
+# --- the decode step from static buffers (CUDA graphs) ------------------------------------------
+
+
+def test_graph_buckets():
+    from vol3_inference.cuda_graphs import bucket_for, graph_buckets
+
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(5) == [1, 2, 4, 5]
+    assert graph_buckets(16) == [1, 2, 4, 8, 16]
+    assert graph_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert graph_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert [bucket_for(n, graph_buckets(40)) for n in (1, 3, 8, 9, 33, 40, 41)] == [1, 4, 8, 16, 40, 40, None]
+    with pytest.raises(ValueError, match="max_batch"):
+        graph_buckets(0)
+
+
+def test_decode_graphs_say_where_they_cannot_run():
+    from vol3_inference.cuda_graphs import DecodeGraphs
+
+    weights = ModelWeights.from_model(tiny_model())
+    torch_engine = Engine(weights, backend="torch")
+    assert torch_engine.graphs is None and "lacks the triton" in DecodeGraphs.problem(torch_engine)
+    with pytest.raises(ValueError, match="lacks the triton"):
+        Engine(weights, backend="torch", cuda_graphs=True)
+    if INTERPRETED:
+        engine = Engine(weights, backend="triton")
+        assert engine.graphs is None  # on the CPU: no CUDA graphs by default
+        assert "CUDA device" in DecodeGraphs.problem(engine) and DecodeGraphs.problem(engine, capture=False) is None
+
+
+def graph_vs_op_by_op(device: str, capture: bool):
+    """Five sequences decoding through static buffers (max_batch 5, buckets 1, 2, 4, 5) against an
+    engine on the torch ops: steps shrink from 5 rows to 3 (bucket 4, whose row 3 was live the step
+    before) and 1, and one step has a prefill (op by op on both). Logits and the whole cache must
+    agree: a padding row that wrote through a stale or default slot would show."""
+    from vol3_inference.cuda_graphs import DecodeGraphs
+
+    weights = ModelWeights.from_model(tiny_model()).to(device)
+    ref = Engine(weights, backend="torch", block_size=8)
+    eng = Engine(weights, backend="triton", block_size=8, cuda_graphs=False)
+    eng.graphs = DecodeGraphs(eng, max_batch=5, capture=capture)
+    prompts = {"a": [1, 2, 3, 4, 5, 6, 7, 8, 9], "b": [4, 4], "c": list(range(3, 12)), "d": [5], "e": [9, 8, 7]}
+    for e in (ref, eng):
+        for s, p in prompts.items():
+            e.prefill(s, p)
+    plan = [["a", "b", "c", "d", "e"], ["c", "a", "e"], ["b"], ["a", "b", "f"]]
+    for step, active in enumerate(plan):
+        chunks = [Chunk(s, [step + 3] if s != "f" else [1, 2, 3], ref.cache.length(s)) for s in active]
+        torch.testing.assert_close(eng.forward_last(chunks), ref.forward_last(chunks), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(eng.cache.k, ref.cache.k, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(eng.cache.v, ref.cache.v, atol=1e-4, rtol=1e-4)
+    return eng
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+def test_decode_step_from_static_buffers_matches_op_by_op():
+    eng = graph_vs_op_by_op("cpu", capture=False)
+    assert eng.graphs.graphs == {}  # eager: nothing captured
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_graph_decode_matches_op_by_op():
+    eng = graph_vs_op_by_op("cuda", capture=True)
+    assert sorted(eng.graphs.graphs) == [1, 4, 5]  # captured on first use of each bucket
+    assert Engine(ModelWeights.from_model(tiny_model()).to("cuda")).graphs is not None  # on by default
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_cache_slot_minus_one_stores_nothing(device):
+    H, Hkv, hd = 2, 1, 48
+    cos, sin = precompute_rope(hd, 16, 10000.0)
+    table = torch.complex(cos.float(), sin.float()).to(device)
+    qkv = torch.randn(3, (H + 2 * Hkv) * hd, device=device)
+    k_cache = torch.full((2, 4, Hkv, hd), math.nan, device=device)
+    v_cache = k_cache.clone()
+    rc.rope_qkv_cache(qkv, table, torch.tensor([1, 2, 3], device=device), torch.tensor([5, -1, 0], device=device),
+                      k_cache, v_cache, H, Hkv)
+    for cache in (k_cache, v_cache):
+        written = ~cache.view(8, -1).isnan().all(1)
+        assert written.tolist() == [True, False, False, False, False, True, False, False]

@@ -17,7 +17,9 @@ over its own cached prefix.
 Where the op backend offers it (`ops.CpuOps.fused_step`, the C kernels on an x86 CPU), the whole step
 runs instead as one C call, `cpu_kernels.FusedStep`: the same math, op for op, without returning to
 Python between ops, and batch-invariant (a row's logits do not depend on the other rows). The op-by-op
-path below stays as the reference and the fallback (`Engine(fused=False)` forces it).
+path below stays as the reference and the fallback (`Engine(fused=False)` forces it). On CUDA with
+the `triton` backend, decode-only steps replay instead from CUDA graphs, one per batch-size bucket
+(`cuda_graphs.py`): the same ops, launched by one call.
 
 Weights are held as plain tensors under fused names: wqkv = [wq; wk; wv] (one matmul instead of three)
 and w13 = [w1; w3] (gate and up). Fusing changes nothing numerically per output element.
@@ -41,6 +43,7 @@ import torch
 
 from shared.config import ModelConfig
 from vol2_torch.model import precompute_rope
+from vol3_inference.cuda_graphs import DecodeGraphs
 from vol3_inference.kv_cache import PagedKVCache
 from vol3_inference.ops import get_ops
 from vol3_inference.quant import Int8Weight, quantize_int8
@@ -226,10 +229,13 @@ class Engine:
         backend: op set from `ops.BACKENDS` ("torch", "cpu", "triton"), or "auto" (`ops.get_ops`).
         fused: run each step as one call where the backend has a fused step (`ops.CpuOps.fused_step`:
             the C kernels, float32 or int8 weights); False: always op by op.
+        cuda_graphs: replay decode-only steps from CUDA graphs (`cuda_graphs.DecodeGraphs`); None
+            (default): wherever they can run (CUDA, the triton backend). Raises ValueError if True
+            where they cannot.
     """
 
     def __init__(self, weights: ModelWeights, n_blocks: int | None = None, block_size: int = 16,
-                 backend: str = "auto", fused: bool = True):
+                 backend: str = "auto", fused: bool = True, cuda_graphs: bool | None = None):
         c = weights.config
         self.weights, self.config = weights, c
         self.device = weights.device
@@ -242,6 +248,9 @@ class Engine:
         real = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
         self.rope_freqs = torch.complex(cos.to(real), sin.to(real)).to(self.device)  # cos + i sin, (max_seq_len, hd/2)
         self.fused = self.ops.fused_step(weights, self.cache.k, self.cache.v, self.rope_freqs) if fused else None
+        if cuda_graphs is None:
+            cuda_graphs = DecodeGraphs.problem(self) is None
+        self.graphs = DecodeGraphs(self) if cuda_graphs else None
         self._ids = itertools.count()
 
     # --- the forward ---------------------------------------------------------------------------
@@ -278,6 +287,8 @@ class Engine:
         lists = self._check(chunks)
         if self.fused is not None and chunks:
             return self._step_fused(chunks, all_logits, *lists)
+        if self.graphs is not None and chunks and self.graphs.takes(len(chunks)) and all(map(self._is_decode, chunks)):
+            return self._step_graph(chunks, all_logits, *lists)
         return self._step_ops(chunks, all_logits)
 
     def _check(self, chunks: Sequence[Chunk]) -> tuple[list, list[int], list[int], list[int]]:
@@ -313,6 +324,16 @@ class Engine:
         logits = self.fused(tok, pos, slot, seq, self._tables(chunks), torch.from_numpy(out_rows),
                             checked=True)  # the engine's own int64 tensors: the kernel checks the ranges
         return [logits[a:b] for a, b in itertools.pairwise(bounds)] if all_logits else logits
+
+    def _step_graph(self, chunks: Sequence[Chunk], all_logits: bool, seqs: list, sizes: list[int],
+                    starts: list[int], ends: list[int]) -> torch.Tensor | list[torch.Tensor]:
+        """A decode-only step replayed from a CUDA graph (`cuda_graphs.DecodeGraphs`), rows in the
+        caller's chunk order (each row reads its own blocks); the lists are `_check`'s."""
+        mgr = self.cache.manager
+        slots = mgr.append_many(seqs, sizes)
+        logits = self.graphs.run([ch.tokens[0] for ch in chunks], starts, slots, [mgr.tables[s] for s in seqs])
+        logits = logits.clone()  # (B, V): the graph's buffer is overwritten by the next step
+        return list(logits.split(1)) if all_logits else logits
 
     def _step_ops(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
         """The step op by op through `self.ops`: decode chunks first, shortest context first

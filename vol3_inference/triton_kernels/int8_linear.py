@@ -39,6 +39,9 @@ from vol3_inference.triton_kernels.common import DTYPES, device_problem, interpr
 
 GEMV_MAX_ROWS = 4
 GEMV_CONFIG = (32, 128, 4)  # BLOCK_N, BLOCK_K, num_warps
+# In the interpreter each program costs tens of milliseconds of Python whatever its tile, so there
+# the GEMV takes 4x wider tiles (4x fewer programs); the tests run the GPU's config too.
+GEMV_CONFIG_INTERPRETED = (128, 128, 4)
 # GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen by the compile check's
 # register counts: none of these spills on sm_80 or sm_90, where (64, 128, 64) with 4 warps spilled
 # and IEEE fp32 dots on tiles over 32 x 32 spilled kilobytes.
@@ -143,7 +146,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, *, out: torch.Tensor | None = No
         return out
     args = (x2, w.q, w.scale, y)
     if M <= GEMV_MAX_ROWS:
-        bn, bk, warps = GEMV_CONFIG
+        bn, bk, warps = GEMV_CONFIG_INTERPRETED if interpreted(_w8_gemv_kernel) else GEMV_CONFIG
         _w8_gemv_kernel[(triton.cdiv(N, bn), M)](*args, N, K, x2.stride(0), w.q.stride(0), y.stride(0),
                                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     else:

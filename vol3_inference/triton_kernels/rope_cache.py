@@ -15,6 +15,9 @@ rotates them in fp32 (ye = xe cos - xo sin, yo = xe sin + xo cos: the complex pr
 to the cache; a v head is copied to the cache. The tile is BLOCK_P = the power of two >= hd/2 pairs
 (at least 8), masked, so head dims that are not powers of two (48) work.
 
+A slot of -1 stores nothing (vLLM's convention for padding rows): a batch padded to a fixed size,
+as a captured CUDA graph needs, leaves the cache as it was.
+
 The RoPE table is the engine's complex (max_pos, hd/2) cos + i sin; `torch.view_as_real` reads it
 as float (max_pos, hd/2, 2) pairs (cos, sin) without a copy.
 
@@ -58,11 +61,11 @@ def _rope_qkv_cache_kernel(qkv_ptr, tab_ptr, pos_ptr, slot_ptr, qk_ptr, kc_ptr, 
         dst = qk_ptr + t * stride_qk + j * hd
         tl.store(dst + 2 * i, ye, mask=ok)
         tl.store(dst + 2 * i + 1, yo, mask=ok)
-        if j >= H:  # k: also into the cache, row `slot` of its (NB * bs, Hkv, hd) view
+        if (j >= H) & (slot >= 0):  # k: also into the cache, row `slot` of its (NB * bs, Hkv, hd) view
             kdst = kc_ptr + slot * (HKV * hd) + (j - H) * hd
             tl.store(kdst + 2 * i, ye.to(kc_ptr.dtype.element_ty), mask=ok)
             tl.store(kdst + 2 * i + 1, yo.to(kc_ptr.dtype.element_ty), mask=ok)
-    else:  # v: copied as it is
+    elif slot >= 0:  # v: copied as it is
         vdst = vc_ptr + slot * (HKV * hd) + (j - H - HKV) * hd
         tl.store(vdst + 2 * i, xe, mask=ok)
         tl.store(vdst + 2 * i + 1, xo, mask=ok)
@@ -110,7 +113,8 @@ def rope_qkv_cache(qkv: torch.Tensor, rope_table: torch.Tensor, pos: torch.Tenso
 
     qkv: (N, (H + 2 Hkv) hd) float32/float16/bfloat16, rows contiguous; rope_table: (max_pos, hd/2)
     complex64, cos + i sin; pos, slots: (N,) int64; k_cache, v_cache: (NB, bs, Hkv, hd) of qkv's
-    dtype, contiguous; hd even, <= 256. Stores the rotated k and the v at the slots of the caches.
+    dtype, contiguous; hd even, <= 256. Stores the rotated k and the v at the slots of the caches
+    (a slot of -1: nothing stored for that token).
     Returns q (N, H, hd) and k (N, Hkv, hd), rotated (views of one new (N, H + Hkv, hd) tensor), and
     v (N, Hkv, hd), a view of qkv. `checked`: the caller already ran `rope_problem`.
     Raises ValueError naming what is wrong (see `rope_problem`).
