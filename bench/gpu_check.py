@@ -22,7 +22,9 @@ writes its error into the report and the others still run:
    folder to the GPU machine), else on the checkout's own text files.
 
 Writes `$GPU_CHECK_OUT/gpu-check.md` (default runs/gpu-check/); each section writes its part to
-`sections/<name>.md` as it goes, so one stopped at its time box keeps what it finished. On a machine
+`sections/<name>.md` as it goes, so one stopped at its time box keeps what it finished; the training
+run's metrics.jsonl is copied to `train-metrics.jsonl` (its checkpoints stay in a temporary folder,
+deleted after). On a machine
 without CUDA (or without torch) it prints one line saying so and exits 0.
 """
 
@@ -33,10 +35,12 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -527,9 +531,12 @@ def section_train(part: Part, budget: float, out: Path) -> int:
     from shared.config import PRESETS
 
     preset = "large" if "large" in PRESETS else "seed512"
-    corpus, corpus_note = training_corpus(out / "train-text")
+    # the run folder (a ~0.5 GB checkpoint) and the fallback text live outside the report's folder;
+    # its metrics.jsonl is copied there
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-train-"))
+    corpus, corpus_note = training_corpus(scratch / "text")
     cmd = [sys.executable, "-m", "vol2_torch.train", "--preset", preset, "--device", "cuda", "--dtype", "bf16",
-           "--max-minutes", str(TRAIN_MINUTES), "--name", "gpu-check", "--out-root", str(out / "train"),
+           "--max-minutes", str(TRAIN_MINUTES), "--name", "gpu-check", "--out-root", str(scratch),
            "--overwrite", "--evals", "1", "--sample-tokens", "16", "--no-progress", *corpus]
     part.add(f"`{' '.join(cmd[1:])}`, on {corpus_note}.")
     try:
@@ -538,8 +545,11 @@ def section_train(part: Part, budget: float, out: Path) -> int:
     except subprocess.TimeoutExpired as e:  # its metrics.jsonl still holds the steps it took
         output, rc = _text(e.stdout) + _text(e.stderr), 1
         part.add(f"train.py stopped at the time box ({budget - 10:.0f} s).")
-    metrics = out / "train" / "gpu-check" / "metrics.jsonl"
+    metrics = scratch / "gpu-check" / "metrics.jsonl"
     records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.is_file() else []
+    if metrics.is_file():
+        shutil.copy(metrics, out / "train-metrics.jsonl")
+    shutil.rmtree(scratch, ignore_errors=True)
     s = training_summary(records)
     if s is None:
         part.add("No training steps were logged.\n\n```\n" + tail(output, 30) + "\n```")
@@ -596,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # one section, in its process
     p.add_argument("--budget", type=float, default=60.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the sections run in the checkout, wherever this was started
     why = no_cuda_reason()
     if why is not None:
         print(f"gpu-check: skipped, no GPU here ({why}); run `make gpu-check` on a CUDA machine")
@@ -613,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.sections.split(",") if n.strip()]
     if not names or set(names) - set(SECTIONS):
         p.error(f"--sections takes {', '.join(SECTIONS)}, got {args.sections!r}")
+    out.mkdir(parents=True, exist_ok=True)
     header = header_lines(torch)
     print("\n".join(header), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -621,13 +632,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names):
         box = boxes(TOTAL_BUDGET_S, time.perf_counter() - t0, names[i:])
         print(f"\n== {name} (time box {box:.0f} s)", flush=True)
+        part = out / "sections" / f"{name}.md"
+        part.unlink(missing_ok=True)  # a part left by an earlier run is not this run's
         r = run_section([sys.executable, "-m", "bench.gpu_check", "--section", name, "--out", str(out),
                          "--budget", f"{box:.0f}"], box + KILL_GRACE_S, env)
-        part = out / "sections" / f"{name}.md"
         results.append({"name": name, "title": SECTIONS[name][0], **r,
                         "part": part.read_text() if part.is_file() else ""})
+        print(results[-1]["part"], f"{name}: {r['status']}, {r['seconds']:.0f} s", sep="\n", flush=True)
         if r["status"] != "ok":
-            print(f"{name}: {r['status']}\n{r['log']}", flush=True)
+            print(r["log"], flush=True)
     report = out / "gpu-check.md"
     report.write_text(assemble(header, results))
     print(f"\nreport: {report} ({time.perf_counter() - t0:.0f} s)")
