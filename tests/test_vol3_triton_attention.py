@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -103,6 +105,19 @@ def test_decode_split_and_single_pass_agree_at_long_context():
     torch.testing.assert_close(many, one, atol=2e-6, rtol=2e-6)
 
 
+@settings(max_examples=8, deadline=None)
+@given(lens=st.lists(st.integers(1, 70), min_size=1, max_size=4), G=st.integers(1, 4), Hkv=st.integers(1, 2),
+       hd=st.integers(1, 80), bs=st.sampled_from([1, 2, 8, 32]), split=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_decode_any_shape(lens, G, Hkv, hd, bs, split, dtype):
+    """Any lengths, GQA ratio, head dim (odd ones too) and power-of-two block size, either path."""
+    k, v, tables = paged(lens, Hkv, hd, dtype, bs=bs, pad_blocks=1)
+    q = torch.randn(len(lens), G * Hkv, hd).to(dtype)
+    ctx = torch.tensor(lens)
+    kw = dict(split_threshold=0, partition=32) if split else {}
+    assert_matches(da.paged_decode_attention(q, k, v, tables, ctx, **kw), da.reference(q, k, v, tables, ctx), dtype)
+
+
 class Launches:
     """Stands in for a @triton.jit kernel: records each launch's grid and constexprs, runs nothing."""
 
@@ -176,6 +191,16 @@ def prefill_case(start, T, Hkv, G, hd, dtype, bs=16, seed=0):
 def test_prefill_matches_reference(dtype, start, T, G, hd):
     """start_pos 0 and after a prefix; T of 1, and not a multiple of the 16-row query tile."""
     q, k, v, table = prefill_case(start, T, 2, G, hd, dtype)
+    out = pa.prefill_attention(q, k, v, table, start, block_m=16)
+    assert_matches(out, pa.reference(q, k, v, table, start), dtype)
+
+
+@settings(max_examples=8, deadline=None)
+@given(start=st.integers(0, 40), T=st.integers(1, 40), G=st.integers(1, 3), hd=st.integers(1, 80),
+       bs=st.sampled_from([1, 4, 16]), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_prefill_any_shape(start, T, G, hd, bs, dtype):
+    """Any prefix, chunk length, GQA ratio, head dim and block size, over 16-row query tiles."""
+    q, k, v, table = prefill_case(start, T, 2, G, hd, dtype, bs=bs)
     out = pa.prefill_attention(q, k, v, table, start, block_m=16)
     assert_matches(out, pa.reference(q, k, v, table, start), dtype)
 
