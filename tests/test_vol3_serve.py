@@ -70,6 +70,7 @@ class Server:
     def __init__(self, llm: LLM, **kw):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)  # connections wait in the backlog until uvicorn has started
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = build_app(llm, MODEL, **kw)
@@ -404,3 +405,29 @@ def test_the_command_line_serves_and_exits_0_on_sigterm(tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_a_client_that_leaves_a_non_streaming_request_cancels_it():
+    llm = new_llm(max_batch=2)
+    gate = Gate(llm)
+    s = Server(llm)
+    try:
+        body = json.dumps({"prompt": PROMPTS[3], "max_tokens": 40, "temperature": 0, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            gate.entered.wait(30)  # its first step is running: the handler waits for the final output
+        aborted = 'llama_requests_finished_total{finish_reason="abort"}'
+        for _ in range(40):  # one step at a time, until the engine loop has cancelled it
+            if s.metrics().get(aborted, 0) == 1:
+                break
+            n = s.metrics()["llama_engine_steps_total"]
+            gate.step()
+            wait_for(lambda n=n: s.metrics()["llama_engine_steps_total"] > n
+                     or s.metrics()["llama_requests_running"] == 0, "a step")
+        wait_for(lambda: s.metrics()['llama_kv_blocks{state="used"}'] == 0, "its blocks to be freed")
+        m = s.metrics()
+        assert m[aborted] == 1 and m["llama_generation_tokens_total"] < 40
+    finally:
+        gate.open()
+        s.stop()
