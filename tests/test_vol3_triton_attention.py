@@ -80,11 +80,12 @@ def test_decode_matches_reference(dtype, G, hd, split):
     assert_matches(out, da.reference(q, k, v, tables, lens), dtype)
 
 
-def test_decode_bf16_block_size_8_strided_q_int32_lengths():
+def test_decode_bf16_block_size_8_strided_q_and_table_int32_lengths():
     """bf16; a cache of 8-slot blocks; q a strided view (the engine's q is a slice of the fused
-    qk rows); int32 lengths; and one length past the table, which reads only the table's blocks."""
+    qk rows); a column-major block table; int32 lengths."""
     Hkv, G, hd, bs = 1, 3, 64, 8
     k, v, tables = paged([9, 40, 23], Hkv, hd, torch.bfloat16, bs=bs, pad_blocks=0)
+    tables = tables.t().contiguous().t()  # (B, W), strides (1, B)
     wide = torch.randn(3, G * Hkv + 2, hd).to(torch.bfloat16)
     q = wide[:, :G * Hkv]  # (B, H, hd), stride(0) = (H + 2) hd
     lens = torch.tensor([9, 40, 23], dtype=torch.int32)

@@ -225,8 +225,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     B, H, hd = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     W = block_tables.shape[1]
-    tables = block_tables.to(torch.int64)  # a no-op for the engine's int64 tables
-    lens = context_lens.to(torch.int64)
+    # the kernel reads table rows and lengths with unit stride; both calls are no-ops for the engine's
+    # contiguous int64 tensors (so nothing is copied, or synced, under a CUDA graph)
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
     out = torch.empty(B, H, hd, dtype=q.dtype, device=q.device)
     if B == 0:
         return out

@@ -155,7 +155,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = torch.empty(T, H, hd, dtype=q.dtype, device=q.device)
     if T == 0:
         return out
-    table = block_table.to(torch.int64)
+    table = block_table.to(torch.int64).contiguous()  # read with unit stride (the engine's: no copy)
     _prefill_kernel[(triton.cdiv(T, block_m), H)](
         q, k_cache, v_cache, table, out, LOG2E / math.sqrt(hd), start_pos, T, H // Hkv, hd,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
