@@ -431,3 +431,17 @@ def test_a_client_that_leaves_a_non_streaming_request_cancels_it():
     finally:
         gate.open()
         s.stop()
+
+
+def test_a_stream_interval_sends_fewer_chunks_of_the_same_text():
+    s = Server(new_llm(), stream_interval=4)
+    try:
+        text, _, _ = offline(PROMPTS[3], max_tokens=20, ignore_eos=True)
+        chunks = list(s.client().completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0,
+                                                    stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(ch.choices[0].text for ch in chunks) == text
+        assert len(chunks) <= 1 + 20 // 4 + 1  # the first at once, then one per 4 tokens, then the last
+        with pytest.raises(ValueError, match="stream_interval"):
+            build_app(new_llm(), MODEL, stream_interval=0)
+    finally:
+        s.stop()

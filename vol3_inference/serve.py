@@ -494,11 +494,16 @@ class Metrics:
 
 
 def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_waiting: int | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY):
-    """The FastAPI app serving `llm`. Its engine loop starts with the app (lifespan) and is
-    `app.state.engine` from then on; `app.state.drain()` starts draining, as SIGTERM does."""
+              max_body_bytes: int = DEFAULT_MAX_BODY, stream_interval: int = 1):
+    """The FastAPI app serving `llm` under the name `model_name`. Its engine loop starts with the app
+    (lifespan) and is `app.state.engine` from then on; `app.state.drain()` starts draining, as SIGTERM
+    does. `api_key` None: no key asked; `max_waiting` None: no limit; bodies over `max_body_bytes`
+    get 413; a stream sends a chunk every `stream_interval` tokens (and its first and last at once).
+    Raises ValueError if `llm` has no tokenizer or stream_interval < 1."""
     if llm.tokenizer is None:
         raise ValueError("the server needs a tokenizer (text prompts, stop strings, streamed text)")
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
     cache = llm.engine.cache
     capacity = min(llm.engine.config.max_seq_len, cache.manager.n_blocks * cache.block_size)
     metrics = Metrics()
@@ -562,7 +567,7 @@ def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_wait
         engine: EngineLoop = app.state.engine
         h = engine.submit(job, final_only=not job.stream)
         if job.stream:
-            return StreamingResponse(_events(engine, h, model_name), media_type="text/event-stream")
+            return StreamingResponse(_events(engine, h, model_name, stream_interval), media_type="text/event-stream")
         out = await _final(engine, h, request)
         if out is None:  # the client went away
             return Response(status_code=499)
@@ -638,11 +643,13 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _events(engine: EngineLoop, h: Handle, model: str) -> AsyncIterator[str]:
+async def _events(engine: EngineLoop, h: Handle, model: str, interval: int = 1) -> AsyncIterator[str]:
     """The SSE stream of one request, as vLLM writes it: a chunk per step with new text (a chat stream
     opens with the assistant role), the last one with `finish_reason`, a usage chunk if asked
-    (choices []), then `data: [DONE]`. If the client goes away, Starlette cancels this generator and
-    the request is cancelled."""
+    (choices []), then `data: [DONE]`. With `interval` > 1 (vLLM's --stream-interval), text is held
+    until `interval` tokens have come since the last chunk (the first chunk goes at once): fewer
+    writes, each a system call, for chunkier streams. If the client goes away, Starlette cancels this
+    generator and the request is cancelled."""
     job = h.job
     head = {"id": h.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
             "created": int(time.time()), "model": model}
@@ -659,6 +666,7 @@ async def _events(engine: EngineLoop, h: Handle, model: str) -> AsyncIterator[st
     # the chunks in between, the most of them, as text around one json.dumps of the new text
     probe = json.loads(chunk("\x00", None)[6:])
     before, after = json.dumps(probe).split(json.dumps("\x00"))
+    held, n_held, sent = "", 0, False  # text not yet sent, and its tokens
     try:
         if job.chat:
             yield chunk("", None, first=True)
@@ -671,10 +679,12 @@ async def _events(engine: EngineLoop, h: Handle, model: str) -> AsyncIterator[st
             if out.finish_reason == "error":
                 yield _sse(APIError(500, f"the request failed while it ran: {out.error}").body())
                 break
+            held, n_held = held + out.new_text, n_held + len(out.new_token_ids)
             if out.finished:
-                yield chunk(out.new_text, out.finish_reason)
-            elif out.new_text:
-                yield f"data: {before}{json.dumps(out.new_text)}{after}\n\n"
+                yield chunk(held, out.finish_reason)
+            elif held and (n_held >= interval or not sent):
+                yield f"data: {before}{json.dumps(held)}{after}\n\n"
+                held, n_held, sent = "", 0, True
             if out.finished:
                 if job.include_usage:
                     yield _sse({**head, "choices": [], "usage": _usage(h, out)})
@@ -708,6 +718,8 @@ def build_parser() -> ArgumentParser:
                    help="KV cache blocks of 16 tokens (default: --max-running full-length requests)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger request bodies get 413")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="stream a chunk every N tokens (the first at once): fewer, larger writes")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads on CPU, or 'auto' (time 1 vs 2 on a matmul, keep the faster)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the engine runs")
@@ -718,7 +730,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("max_running", "max_step_tokens", "max_body_bytes"):
+    for flag in ("max_running", "max_step_tokens", "max_body_bytes", "stream_interval"):
         if getattr(args, flag) < 1:
             return fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_waiting is not None and args.max_waiting < 0:
@@ -747,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_step_tokens=args.max_step_tokens, n_blocks=args.kv_blocks,
                             enable_prefix_caching=not args.no_prefix_caching)
         app = build_app(llm, args.model_name or args.ckpt, api_key=args.api_key, max_waiting=args.max_waiting,
-                        max_body_bytes=args.max_body_bytes)
+                        max_body_bytes=args.max_body_bytes, stream_interval=args.stream_interval)
     except (OSError, ValueError) as e:
         return fail(" ".join(str(e).split()))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
