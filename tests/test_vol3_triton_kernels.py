@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -167,6 +169,43 @@ def test_int8_linear(device, dtype, M, K, N, gpu_gemv, monkeypatch):
     # one rounding of an fp32 sum; the sum's own error is far below a half-precision ulp
     assert_close(y, exact, ulps=1, fp32_tol=2e-5)
     assert (M <= i8.GEMV_MAX_ROWS) == (M in (1, 3))  # both paths are covered
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+@settings(max_examples=12, deadline=None)
+@given(M=st.integers(1, 9), K=st.integers(1, 150), N=st.integers(1, 150),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_int8_linear_any_shape(M, K, N, dtype):
+    """Shapes hypothesis picks (K or N under a tile, across tiles, both paths), fp32 and bf16."""
+    g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+    w, _ = quantize_int8(torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g).to(dtype)
+    buf, out = guarded((M, N), dtype, "cpu")
+    i8.int8_linear(x, w, out=out)
+    assert_guards(buf)
+    assert_close(out, x.double() @ w.dequantize(torch.float64).T, ulps=1, fp32_tol=2e-5)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+@settings(max_examples=12, deadline=None)
+@given(N=st.integers(1, 6), Hkv=st.integers(1, 3), group=st.integers(1, 3), half=st.integers(1, 40))
+def test_rope_qkv_cache_any_shape(N, Hkv, group, half):
+    """Head counts, GQA groups and even head dims (2 .. 80, mostly no power of two) hypothesis picks."""
+    H, hd, NB, bs = Hkv * group, 2 * half, 3, 4
+    g = torch.Generator().manual_seed(N * 100 + H * 10 + hd)
+    cos, sin = precompute_rope(hd, 32, 10000.0)
+    table = torch.complex(cos.float(), sin.float())
+    qkv = torch.randn(N, (H + 2 * Hkv) * hd, generator=g)
+    pos = torch.randint(0, 32, (N,), generator=g)
+    slots = torch.randperm(NB * bs, generator=g)[:N]
+    caches = [torch.full((NB, bs, Hkv, hd), math.nan) for _ in range(4)]
+    q, k, v = rc.rope_qkv_cache(qkv, table, pos, slots, caches[0], caches[1], H, Hkv)
+    q0, k0, v0 = rc.reference(qkv, table, pos, slots, caches[2], caches[3], H, Hkv)
+    assert_close(q, q0)
+    assert_close(k, k0)
+    assert torch.equal(caches[0].isnan(), caches[2].isnan()) and torch.equal(caches[1].isnan(), caches[3].isnan())
+    torch.testing.assert_close(caches[0].nan_to_num(), caches[2].nan_to_num(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())
 
 
 @pytest.mark.parametrize("call,message", [
