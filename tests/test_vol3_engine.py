@@ -228,3 +228,40 @@ def test_forward_rejects_token_ids_outside_the_vocabulary_and_changes_nothing():
         with pytest.raises(ValueError, match="token ids"):
             e.forward([Chunk("s", bad, 0)])
         assert e.cache.length("s") == 0 and e.cache.manager.used_blocks == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rmsnorm_is_the_add_then_the_norm_bit_for_bit(dtype):
+    """The reference add_rmsnorm returns (x + delta, rmsnorm(x + delta)) exactly as the two ops,
+    on every backend that runs here (the C RMSNorm on "cpu")."""
+    g = torch.Generator().manual_seed(0)
+    x, delta = (torch.randn(5, 48, generator=g).to(dtype) for _ in range(2))
+    w = (torch.rand(48, generator=g) + 0.5).to(dtype)
+    for ops in [TorchOps] + ([CpuOps] if NO_CPU_KERNELS is None else []):
+        new_x, normed = ops.add_rmsnorm(x, delta, w, 1e-5)
+        assert torch.equal(new_x, x + delta)
+        assert torch.equal(normed, ops.rmsnorm(x + delta, w, 1e-5))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu-op-by-op"])
+def test_every_residual_add_goes_through_add_rmsnorm(backend, monkeypatch):
+    """Op by op, a step makes one plain RMSNorm (the first layer's attention norm) and, per layer,
+    two add_rmsnorm calls (attention's add + FFN norm, FFN's add + the next norm or the final one)."""
+    if backend == "cpu-op-by-op" and NO_CPU_KERNELS is not None:
+        pytest.skip(f"C kernels unavailable here: {NO_CPU_KERNELS}")
+    engine = engine_for(ModelWeights.from_model(model_for(BASE)), backend)
+    calls = {"rmsnorm": 0, "add_rmsnorm": 0}
+    depth = [0]  # the reference add_rmsnorm calls rmsnorm itself: count the engine's calls only
+    for name in calls:
+        fn = getattr(engine.ops, name)
+
+        def spy(*args, _fn=fn, _name=name, **kw):
+            calls[_name] += depth[0] == 0
+            depth[0] += 1
+            try:
+                return _fn(*args, **kw)
+            finally:
+                depth[0] -= 1
+        monkeypatch.setattr(engine.ops, name, spy)
+    engine.forward([Chunk("a", [1, 2, 3], 0), Chunk("b", [4], 0)])
+    assert calls == {"rmsnorm": 1, "add_rmsnorm": 2 * BASE.n_layers}

@@ -469,3 +469,58 @@ def test_rope_cache_slot_minus_one_stores_nothing(device):
     for cache in (k_cache, v_cache):
         written = ~cache.view(8, -1).isnan().all(1)
         assert written.tolist() == [True, False, False, False, False, True, False, False]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+def test_decode_graphs_refuse_an_engine_whose_kernels_would_fall_back():
+    """Block size 12 is no power of two: the decode kernel refuses it, and its reference fallback
+    syncs with the host, which a graph capture cannot do; so no static-buffer step, with or
+    without capture, and the problem names the kernel and the reason."""
+    from vol3_inference.cuda_graphs import DecodeGraphs
+
+    engine = Engine(ModelWeights.from_model(tiny_model()), backend="triton", block_size=12, cuda_graphs=False)
+    why = DecodeGraphs.problem(engine, capture=False)
+    assert why is not None and "decode_attention" in why and "block size 12" in why
+    with pytest.raises(ValueError, match="block size 12"):
+        DecodeGraphs(engine, capture=False)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+def test_the_static_buffer_step_raises_rather_than_run_a_reference_op(monkeypatch):
+    """An op whose kernel refuses its inputs mid-step raises ReferenceFallback in the graph body
+    (strict ops), while the engine's own op-by-op path still falls back quietly."""
+    from vol3_inference.cuda_graphs import DecodeGraphs
+    from vol3_inference.triton_kernels import decode_attention as da
+    from vol3_inference.triton_ops import ReferenceFallback, TritonOps
+
+    engine = Engine(ModelWeights.from_model(tiny_model()), backend="triton", block_size=8, cuda_graphs=False)
+    graphs = DecodeGraphs(engine, max_batch=2, capture=False)
+    engine.prefill("a", [1, 2, 3])
+    monkeypatch.setattr(da, "decode_problem", lambda *a: "refused for the test")
+    assert TritonOps.strict_ops().strict and not TritonOps.strict
+    engine.graphs = graphs
+    with pytest.raises(ReferenceFallback, match="decode_attention.*refused for the test"):
+        engine.forward_last([Chunk("a", [4], 3)])
+    ref = Engine(ModelWeights.from_model(tiny_model()), backend="triton", block_size=8, cuda_graphs=False)
+    ref.prefill("a", [1, 2, 3])
+    assert torch.isfinite(ref.forward_last([Chunk("a", [4], 3)])).all()  # not strict: the reference ran
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_add_rmsnorm_op_returns_new_x_then_normed(device, dtype):
+    """TritonOps.add_rmsnorm (one kernel) against TorchOps.add_rmsnorm: same order of outputs,
+    (x + delta, rmsnorm(x + delta)); and a float64 input runs the reference."""
+    from vol3_inference.triton_ops import TritonOps
+
+    x, delta = nan_padded((3, 96), dtype, device, seed=1), nan_padded((3, 96), dtype, device, seed=2)
+    w = (torch.rand(96, generator=torch.Generator().manual_seed(3)) + 0.5).to(dtype).to(device)
+    new_x, normed = TritonOps.add_rmsnorm(x, delta, w, 1e-5)
+    ref_x, _ = TorchOps.add_rmsnorm(x, delta, w, 1e-5)
+    assert_close(new_x, ref_x, ulps=1)  # bf16 stores truncate in the interpreter: one ulp
+    assert_close(normed, TorchOps.rmsnorm(new_x, w, 1e-5), ulps=3)  # the norm of the stored sum
+    x64, d64, w64 = (t.double() for t in (x, delta, w))
+    assert all(torch.equal(a, b) for a, b in zip(TritonOps.add_rmsnorm(x64, d64, w64, 1e-5),
+                                                  TorchOps.add_rmsnorm(x64, d64, w64, 1e-5), strict=True))
+    with pytest.raises(Exception, match="add_rmsnorm would run the PyTorch reference"):
+        TritonOps.strict_ops().add_rmsnorm(x64, d64, w64, 1e-5)

@@ -47,6 +47,11 @@ def graph_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def _out_features(weight) -> int:
+    """Rows of a float (out, in) weight or of an `Int8Weight`'s q."""
+    return (weight.q if hasattr(weight, "q") else weight).shape[0]
+
+
 def bucket_for(n: int, buckets: list[int]) -> int | None:
     """The smallest bucket that holds n rows, or None if none does."""
     return next((b for b in buckets if b >= n), None)
@@ -85,17 +90,46 @@ class DecodeGraphs:
     def problem(engine, capture: bool = True) -> str | None:
         """Why `engine`'s decode step cannot run from static buffers, or None. It needs the triton
         backend's kernels: RoPE that skips slot -1 (padding rows), and decode attention that reads
-        each row's blocks in place (a padded batch would be padded again); so float32/float16/
-        bfloat16 weights and a head dim the RoPE kernel takes. capture=True also needs CUDA."""
+        each row's blocks in place (a padded batch would be padded again). capture=True also needs
+        CUDA. Then every op of the step must take the engine's tensors: each kernel's own check
+        (`*_problem` in `triton_kernels/`) is asked about tensors of the step's shapes, dtypes and
+        layouts (the decode kernel, for one, refuses a block size that is not a power of two), since
+        the step runs its ops strict (`TritonOps.strict_ops`): a reference fallback raises."""
         if engine.backend != "triton" or engine.ops.pads_decode:
             return f"backend {engine.backend!r} lacks the triton RoPE and in-place decode attention kernels"
-        from vol3_inference.triton_kernels.common import DTYPES  # triton is imported by now
-        from vol3_inference.triton_kernels.rope_cache import MAX_HEAD_DIM
-
-        if engine.weights.dtype not in DTYPES or engine.config.head_dim > MAX_HEAD_DIM:
-            return f"{engine.weights.dtype} weights or head dim {engine.config.head_dim} are outside the kernels' range"
         if capture and engine.device.type != "cuda":
             return f"CUDA graphs need a CUDA device, not {engine.device}"
+        return DecodeGraphs._op_problem(engine)
+
+    @staticmethod
+    def _op_problem(engine) -> str | None:
+        """The first op of the decode step whose kernel refuses one-row stand-ins for its inputs."""
+        from vol3_inference.quant import Int8Weight
+        from vol3_inference.triton_kernels import decode_attention, int8_linear, rmsnorm, rope_cache, swiglu
+
+        c, w, dev = engine.config, engine.weights, engine.device
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        dt = engine.cache.k.dtype
+        kc, vc = engine._layer_caches[0]
+        x = torch.zeros(1, c.dim, dtype=dt, device=dev)
+        ints = torch.zeros(4, 1, dtype=torch.long, device=dev)  # token, position, slot, length rows
+        tables = torch.zeros(1, -(-c.max_seq_len // kc.shape[1]), dtype=torch.long, device=dev)
+        qkv = torch.zeros(1, (H + 2 * Hkv) * hd, dtype=dt, device=dev)
+        q = qkv[:, :H * hd].view(1, H, hd)
+        checks = [("rmsnorm", rmsnorm.rmsnorm_problem(x, norm, x))
+                  for L in w.layers for norm in (L.attention_norm, L.ffn_norm)]
+        checks += [("rmsnorm", rmsnorm.rmsnorm_problem(x, w.norm, x)),
+                   ("rope_qkv_cache", rope_cache.rope_problem(qkv, engine.rope_freqs, ints[1], ints[2], kc, vc, H, Hkv)),
+                   ("decode_attention", decode_attention.decode_problem(q, kc, vc, tables, ints[3]))]
+        for L in w.layers:
+            checks.append(("swiglu", swiglu.swiglu_problem(torch.zeros(1, _out_features(L.w13), dtype=dt, device=dev))))
+        for W in [W for L in w.layers for W in (L.wqkv, L.wo, L.w13, L.w2)] + [w.output]:
+            if isinstance(W, Int8Weight):
+                xin = torch.zeros(1, W.q.shape[1], dtype=dt, device=dev)
+                checks.append(("int8 linear", int8_linear.int8_linear_problem(xin, W)))
+        for op, why in checks:
+            if why is not None:
+                return f"the {op} kernel refuses this engine's tensors: {why}"
         return None
 
     def takes(self, n_rows: int) -> bool:
@@ -120,25 +154,28 @@ class DecodeGraphs:
         self.ints[:, :b].copy_(staged[:4])
         self.tables[:b].copy_(staged[4:].t())
 
-    def _body(self, b: int) -> torch.Tensor:
+    def _body(self, b: int, strict: bool = True) -> torch.Tensor:
         """The decode step on the first b rows of the static buffers: the engine's op-by-op path for
-        decode-only rows, the same ops in the same order. Returns the logits (b, V)."""
+        decode-only rows, the same ops in the same order. `strict` (captured, and in eager tests):
+        an op whose kernel refuses its inputs raises `triton_ops.ReferenceFallback` instead of
+        running the reference, which may sync with the host. Returns the logits (b, V)."""
         e = self.engine
-        c, ops, w = e.config, e.ops, e.weights
+        c, w = e.config, e.weights
+        ops = e.ops.strict_ops() if strict else e.ops  # strict: a reference fallback raises
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         tok, pos, slot, lens = self.ints[:, :b]  # (b,) each, views of the static buffer
         tables = self.tables[:b]  # (b, W)
         x = e._embed(tok)  # (b, D)
+        norms = [L.attention_norm for L in w.layers[1:]] + [w.norm]  # the norm after each layer's FFN add
+        h = ops.rmsnorm(x, w.layers[0].attention_norm if w.layers else w.norm, c.norm_eps)
         for li, L in enumerate(w.layers):
             kc, vc = e._layer_caches[li]
-            h = ops.rmsnorm(x, L.attention_norm, c.norm_eps)
             qkv = ops.linear(h, L.wqkv)  # (b, (H + 2 Hkv) hd)
             q, _, _ = ops.rope_qkv_cache(qkv, e.rope_freqs, pos, slot, kc, vc, H, Hkv)
             attn = ops.decode_attention(q, kc, vc, tables, lens)  # (b, H, hd)
-            x = x + ops.linear(attn.reshape(b, H * hd), L.wo)
-            h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
-            x = x + ops.linear(ops.swiglu(ops.linear(h, L.w13)), L.w2)
-        return ops.linear(ops.rmsnorm(x, w.norm, c.norm_eps), w.output)  # (b, V)
+            x, h = ops.add_rmsnorm(x, ops.linear(attn.reshape(b, H * hd), L.wo), L.ffn_norm, c.norm_eps)
+            x, h = ops.add_rmsnorm(x, ops.linear(ops.swiglu(ops.linear(h, L.w13)), L.w2), norms[li], c.norm_eps)
+        return ops.linear(h, w.output)  # (b, V)
 
     def _capture(self, b: int) -> None:
         """Record bucket b's graph: an eager run first, on a side stream as PyTorch's CUDA-graph
@@ -166,8 +203,10 @@ class DecodeGraphs:
         n = len(tokens)
         b = bucket_for(n, self.buckets)
         self._fill(b, tokens, positions, slots, tables)
-        if not self.capture or self.failed is not None:
+        if not self.capture:
             return self._body(b)[:n]
+        if self.failed is not None:
+            return self._body(b, strict=False)[:n]
         if b not in self.graphs:
             try:
                 self._capture(b)
@@ -175,7 +214,7 @@ class DecodeGraphs:
                 self.failed = " ".join(str(e).split())
                 warn_once(f"CUDA graph capture failed ({self.failed}); decode steps run eagerly")
                 self._fill(b, tokens, positions, slots, tables)
-                return self._body(b)[:n]
+                return self._body(b, strict=False)[:n]  # eager: a reference op may sync
             self._fill(b, tokens, positions, slots, tables)  # the capture ran on padding
         self.graphs[b].replay()
         return self.outputs[b][:n]

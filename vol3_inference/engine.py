@@ -370,9 +370,13 @@ class Engine:
 
         last_rows = None if all_logits else torch.from_numpy(last).to(dev)  # uploaded before the layers keep a GPU busy
         x = self._embed(tok)  # (N, D)
-        for li, L in enumerate(self.weights.layers):
+        layers = self.weights.layers
+        # each residual add and the norm after it are one op (a backend may fuse them): the FFN's
+        # add goes with the next layer's attention norm, the last layer's with the final norm
+        norms = [L.attention_norm for L in layers[1:]] + [self.weights.norm]
+        h = ops.rmsnorm(x, layers[0].attention_norm if layers else self.weights.norm, c.norm_eps)
+        for li, L in enumerate(layers):
             kc, vc = self._layer_caches[li]  # (NB, bs, Hkv, hd) each
-            h = ops.rmsnorm(x, L.attention_norm, c.norm_eps)
             qkv = ops.linear(h, L.wqkv)  # (N, (H + 2 Hkv) hd)
             q, k, v = ops.rope_qkv_cache(qkv, self.rope_freqs, pos, slot, kc, vc, H, Hkv)  # k, v now cached
             if not prefills and n_groups == 1:
@@ -384,15 +388,14 @@ class Engine:
                 for r, T, start, table in prefills:
                     attn[r:r + T] = ops.prefill_attention(q[r:r + T], kc, vc, table, start,
                                                           k[r:r + T], v[r:r + T])
-            x = x + ops.linear(attn.reshape(N, H * hd), L.wo)  # (N, D)
-            h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
-            x = x + ops.linear(ops.swiglu(ops.linear(h, L.w13)), L.w2)  # (N, 2F) -> (N, F) -> (N, D)
+            x, h = ops.add_rmsnorm(x, ops.linear(attn.reshape(N, H * hd), L.wo), L.ffn_norm, c.norm_eps)  # (N, D)
+            # (N, 2F) -> (N, F) -> (N, D); h: the next layer's attention norm, or the final norm
+            x, h = ops.add_rmsnorm(x, ops.linear(ops.swiglu(ops.linear(h, L.w13)), L.w2), norms[li], c.norm_eps)
 
         if all_logits:
-            logits = ops.linear(ops.rmsnorm(x, self.weights.norm, c.norm_eps), self.weights.output)  # (N, V)
+            logits = ops.linear(h, self.weights.output)  # (N, V)
             return self._unsort([logits[a:b] for a, b in itertools.pairwise(bounds)], order)
-        h = ops.rmsnorm(x[last_rows], self.weights.norm, c.norm_eps)  # (B, D), in the caller's chunk order
-        return ops.linear(h, self.weights.output)  # (B, V)
+        return ops.linear(h[last_rows], self.weights.output)  # (B, V), in the caller's chunk order
 
     def _refuse(self, chunks: Sequence[Chunk]) -> None:
         """Raise ValueError for the first chunk that `_step` cannot run, saying why."""

@@ -1,8 +1,8 @@
 """The engine's compute ops, in one place, behind a `backend` switch.
 
 Every op the engine calls lives here as a plain PyTorch reference: RMSNorm (Zhang & Sennrich 2019,
-eq. 4), RoPE (Su et al. 2021, eq. 34, Meta's interleaved-pair layout, see `vol2_torch/model.py`),
-SwiGLU (Shazeer 2020, eq. 6), linear layers (float and int8 weights), prefill attention (causal,
+eq. 4), alone and after its residual add, RoPE (Su et al. 2021, eq. 34, Meta's interleaved-pair
+layout, see `vol2_torch/model.py`), SwiGLU (Shazeer 2020, eq. 6), linear layers (float and int8 weights), prefill attention (causal,
 after an optional cached prefix) and decode attention that reads keys and values straight out of
 the paged KV cache through a block table (Kwon et al. 2023, "Efficient Memory Management for Large
 Language Model Serving with PagedAttention", section 4.1).
@@ -47,6 +47,16 @@ class TorchOps:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return xf.to(x.dtype) * weight
+
+    @classmethod
+    def add_rmsnorm(cls, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and the RMSNorm that follows it: x, delta (..., D) of one dtype ->
+        (new_x, normed) = (x + delta, rmsnorm(x + delta, weight, eps)), both x's shape and dtype.
+        Here the two ops one after the other (`cls.rmsnorm`, so a backend's own RMSNorm runs); a
+        backend may fuse them into one pass (`TritonOps`)."""
+        x = x + delta
+        return x, cls.rmsnorm(x, weight, eps)
 
     @staticmethod
     def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

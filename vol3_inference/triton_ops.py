@@ -53,45 +53,76 @@ def available(device: torch.device | str) -> str | None:
     return f"Triton kernels run on CUDA (or the CPU in Triton's interpreter), not on {device.type}"
 
 
+class ReferenceFallback(RuntimeError):
+    """A strict op set (`TritonOps.strict_ops()`) was handed inputs its kernel does not take."""
+
+
 class TritonOps(TorchOps):
-    """`TorchOps` with Triton kernels where they take the inputs (see the module docstring)."""
+    """`TorchOps` with Triton kernels where they take the inputs (see the module docstring).
+
+    `strict`: False here, an input a kernel refuses runs the reference; True in the op set
+    `strict_ops()` returns, where it raises `ReferenceFallback` naming the op and why instead. The
+    CUDA-graph decode step runs strict: a reference op may sync with the host (the torch decode
+    attention reads a length at batch 1), which a graph capture cannot do."""
 
     name = "triton"
+    strict = False
     # the decode kernel reads each sequence's blocks in place: no padding, so one call for all rows
     pads_decode = _decode is None
 
-    @staticmethod
-    def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if _rmsnorm.rmsnorm_problem(x, weight) is None:
+    @classmethod
+    def strict_ops(cls) -> type[TritonOps]:
+        """This op set with `strict = True` (one class, made once)."""
+        if cls.strict:
+            return cls
+        if "_strict" not in cls.__dict__:
+            cls._strict = type(f"Strict{cls.__name__}", (cls,), {"strict": True, "__doc__": cls.__doc__})
+        return cls._strict
+
+    @classmethod
+    def _fallback(cls, op: str, why: str | None) -> None:
+        """Before an op runs the reference: raise ReferenceFallback if strict."""
+        if cls.strict:
+            raise ReferenceFallback(f"TritonOps.{op} would run the PyTorch reference: {why}")
+
+    @classmethod
+    def rmsnorm(cls, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if (why := _rmsnorm.rmsnorm_problem(x, weight)) is None:
             return _rmsnorm.rmsnorm(x, weight, eps, checked=True)
+        cls._fallback("rmsnorm", why)
         return TorchOps.rmsnorm(x, weight, eps)
 
-    @staticmethod
-    def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    @classmethod
+    def add_rmsnorm(cls, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rmsnorm(x + residual), x + residual) in one kernel (the engine does not call it yet)."""
-        if _rmsnorm.rmsnorm_problem(x, weight, residual) is None:
-            return _rmsnorm.add_rmsnorm(x, residual, weight, eps, checked=True)
-        return _rmsnorm.reference_add(x, residual, weight, eps)
+        """(x + delta, rmsnorm(x + delta)) in one kernel pass (`triton_kernels/rmsnorm.py`)."""
+        if (why := _rmsnorm.rmsnorm_problem(x, weight, delta)) is None:
+            normed, new_x = _rmsnorm.add_rmsnorm(x, delta, weight, eps, checked=True)
+            return new_x, normed
+        cls._fallback("add_rmsnorm", why)
+        return TorchOps.add_rmsnorm.__func__(TorchOps, x, delta, weight, eps)
 
     @classmethod
     def rope_qkv_cache(cls, qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads):
         args = (qkv, rope_table, pos, slots, k_cache, v_cache, n_heads, n_kv_heads)
-        if _rope.rope_problem(*args) is None:
+        if (why := _rope.rope_problem(*args)) is None:
             return _rope.rope_qkv_cache(*args, checked=True)
-        return super().rope_qkv_cache(*args)
+        cls._fallback("rope_qkv_cache", why)
+        return TorchOps.rope_qkv_cache.__func__(TorchOps, *args)
 
-    @staticmethod
-    def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-        if _swiglu.swiglu_problem(gate_up) is None:
+    @classmethod
+    def swiglu(cls, gate_up: torch.Tensor) -> torch.Tensor:
+        if (why := _swiglu.swiglu_problem(gate_up)) is None:
             return _swiglu.swiglu(gate_up, checked=True)
+        cls._fallback("swiglu", why)
         return TorchOps.swiglu(gate_up)
 
-    @staticmethod
-    def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+    @classmethod
+    def linear(cls, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
         if isinstance(weight, Int8Weight):
-            if _int8.int8_linear_problem(x, weight) is None:
+            if (why := _int8.int8_linear_problem(x, weight)) is None:
                 return _int8.int8_linear(x, weight, checked=True)
+            cls._fallback("linear", why)
             return TorchOps.linear(x, weight)
         return F.linear(x, weight)
 
@@ -99,18 +130,22 @@ class TritonOps(TorchOps):
     def decode_attention(cls, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         args = (q, k_cache, v_cache, block_tables, context_lens)
-        if _decode is not None and _decode.decode_problem(*args) is None:
+        why = "no decode_attention kernel module" if _decode is None else _decode.decode_problem(*args)
+        if why is None:
             return _decode.paged_decode_attention(*args)
-        return super().decode_attention(*args)
+        cls._fallback("decode_attention", why)
+        return TorchOps.decode_attention.__func__(TorchOps, *args)
 
     @classmethod
     def prefill_attention(cls, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_table: torch.Tensor, start_pos: int,
                           k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
         args = (q, k_cache, v_cache, block_table, start_pos)
-        if _prefill is not None and _prefill.prefill_problem(*args) is None:
+        why = "no prefill_attention kernel module" if _prefill is None else _prefill.prefill_problem(*args)
+        if why is None:
             return _prefill.prefill_attention(*args, k_new, v_new)
-        return super().prefill_attention(*args, k_new, v_new)
+        cls._fallback("prefill_attention", why)
+        return TorchOps.prefill_attention.__func__(TorchOps, *args, k_new, v_new)
 
     @staticmethod
     def fused_step(weights, k_cache, v_cache, rope_table):
