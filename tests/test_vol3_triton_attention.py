@@ -148,6 +148,34 @@ def test_decode_takes_the_split_path_by_table_positions(monkeypatch, width, bs, 
     assert [g for g, _ in combine.grids] == ([(B, H)] if splits else [])
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_context_of_length_0_gives_zeros_as_the_reference(split):
+    """A sequence with nothing cached reads nothing: its output is 0, as TorchOps' (not 0/0 = NaN
+    from the single pass, nor -inf - -inf from the split combine); its neighbour is unaffected."""
+    k, v, tables = paged([20, 0], 2, 64, torch.float32, pad_blocks=1)
+    q = torch.randn(2, 4, 64)
+    kw = dict(split_threshold=0, partition=32) if split else {}
+    out = da.paged_decode_attention(q, k, v, tables, torch.tensor([20, 0]), **kw)
+    assert torch.equal(out[1], torch.zeros(4, 64))
+    assert_matches(out[:1], da.reference(q[:1], k, v, tables[:1], torch.tensor([20])), torch.float32)
+
+
+def test_attention_wrappers_take_strided_lengths_and_tables():
+    """Lengths and a prefill block table as stride-2 views (the kernels index them with unit
+    stride, so the wrappers must make them contiguous); the values are what count."""
+    k, v, tables = paged([20, 40], 2, 64, torch.float32, pad_blocks=0)
+    q = torch.randn(2, 4, 64)
+    lens = torch.tensor([[20, 3], [40, 5]])[:, 0]  # (2,), stride 2: contiguous would read 20, 3
+    assert lens.stride() == (2,)
+    assert_matches(da.paged_decode_attention(q, k, v, tables, lens),
+                   da.reference(q, k, v, tables, torch.tensor([20, 40])), torch.float32)
+    q2, k2, v2, table = prefill_case(10, 20, 2, 1, 64, torch.float32)
+    wide = torch.stack([table, table.flip(0)], 1).reshape(-1)[::2]  # same values, stride 2
+    assert wide.stride() == (2,) and torch.equal(wide, table)
+    assert_matches(pa.prefill_attention(q2, k2, v2, wide, 10, block_m=16), pa.reference(q2, k2, v2, table, 10),
+                   torch.float32)
+
+
 def test_decode_gqa_heads_share_their_kv_head():
     """Query heads 2h and 2h+1 of a G = 2 model read KV head h: giving both the same query must
     give both the same output, and a different KV head a different one."""

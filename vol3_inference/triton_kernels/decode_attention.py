@@ -11,7 +11,8 @@ head (GQA, Ainslie et al. 2023) are one (G_PAD, hd) tile, so each key and value 
 all of them. The program walks the context in tiles of BLOCK_N positions: scores (G_PAD, BLOCK_N) =
 q k^T, then FlashAttention's online softmax (Dao et al. 2022, section 3.1; Dao 2023, algorithm 1):
 a running max m and sum l per query head rescale the accumulator, so the (G, S) score matrix never
-exists. Scores are kept in base 2 (q is scaled by log2(e) / sqrt(hd)) so the exponentials are exp2.
+exists. Scores are kept in base 2 (the dot's result is scaled by log2(e) / sqrt(hd)) so the
+exponentials are exp2.
 G and hd are padded to powers of two >= 16 because `tl.dot` needs tiles of at least 16 on a
 GPU; padded heads and dims are masked. Everything after the loads is fp32.
 
@@ -88,9 +89,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_
         start = 0
         end = ctx
 
+    # (G_PAD, HD_PAD), unscaled: fp16/bf16 values stay exact in the TF32 dot (see _precision)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    q = q * qk_scale  # (G_PAD, HD_PAD), base-2 logits
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -104,7 +105,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + (block * stride_kb + slot * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (G_PAD, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (G_PAD, BLOCK_N), base-2 logits
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a valid position
         alpha = tl.exp2(m_i - m_new)
@@ -123,7 +124,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_
         tl.store(m_ptr + row, m_i, mask=g_ok)
         tl.store(l_ptr + row, l_i, mask=g_ok)
     else:
-        out = acc / l_i[:, None]
+        # an empty context (length 0) has l = 0 and acc = 0: output 0, as the reference, not 0/0
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -139,20 +141,22 @@ def _combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, n_splits, HD, stride_ob, str
     d = tl.arange(0, HD_PAD)
     d_ok = d < HD
     row0 = (b * n_heads + h) * n_splits  # first partial of (b, h)
-    # split 0 starts the running (m, l, acc): it is never empty (every context has position 0)
+    # split 0 starts the running (m, l, acc); it is empty (m = -inf, l = 0) only for a context of
+    # length 0, whose output is 0 (the reference's), so the rescaling guards m = -inf and l = 0
     m_run = tl.load(m_ptr + row0)
     l_run = tl.load(l_ptr + row0)
     acc = tl.load(acc_ptr + row0 * HD + d, mask=d_ok, other=0.0)
     for s in range(1, n_splits):
         m_s = tl.load(m_ptr + row0 + s)
         m_new = tl.maximum(m_run, m_s)
-        a_run = tl.exp2(m_run - m_new)
-        a_s = tl.exp2(m_s - m_new)  # 0 for an empty split (past this sequence's length): m_s = -inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: no -inf - -inf
+        a_run = tl.exp2(m_run - m_ref)
+        a_s = tl.exp2(m_s - m_ref)  # 0 for an empty split (past this sequence's length): m_s = -inf
         acc_s = tl.load(acc_ptr + (row0 + s) * HD + d, mask=d_ok, other=0.0)
         acc = acc * a_run + acc_s * a_s
         l_run = l_run * a_run + tl.load(l_ptr + row0 + s) * a_s
         m_run = m_new
-    out = acc / l_run
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -169,8 +173,10 @@ def _num_warps(hd_pad: int) -> int:
 
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision. Inputs are converted to fp32 after the load (bf16 arithmetic is wrong
-    in the interpreter); fp16 and bf16 values are exact in TF32, so TF32 loses nothing on their q k^T
-    and rounds only p; fp32 inputs use full IEEE fp32 (sm_80+ would otherwise use TF32 silently)."""
+    in the interpreter); fp16 and bf16 values are exact in TF32 (10 mantissa bits, fp32's exponent),
+    and q enters the dot unscaled (the kernels multiply the scores by qk_scale after it), so TF32
+    loses nothing on their q k^T and rounds only p in p v; fp32 inputs use full IEEE fp32 (sm_80+
+    would otherwise use TF32 silently)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -212,7 +218,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     q: (B, H, hd); k_cache, v_cache: (NB, bs, Hkv, hd), the same dtype as q (float32, float16 or
     bfloat16), last dimension contiguous; block_tables: (B, W) int64 (or int32), padding entries any
-    value (never read); context_lens: (B,) int64 (or int32), positions cached per sequence, >= 1.
+    value (never read); context_lens: (B,) int64 (or int32), positions cached per sequence, >= 0
+    (a length of 0 gives zeros, as the reference).
     bs a power of two, H % Hkv == 0, any hd (padded to a power of two and masked).
     split_threshold, partition: the split-K rule (module docstring); partition a multiple of 32.
     Returns (B, H, hd) in q's dtype, scale 1 / sqrt(hd). Raises ValueError naming what is wrong.

@@ -65,9 +65,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, qk_scale, start_pos
     d = tl.arange(0, HD_PAD)
     i_ok = i < T
     d_ok = d < HD
+    # (BLOCK_M, HD_PAD), unscaled: fp16/bf16 values stay exact in the TF32 dot (decode's _precision)
     q = tl.load(q_ptr + i[:, None] * stride_qt + h * stride_qh + d[None, :],
                 mask=i_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    q = q * qk_scale  # (BLOCK_M, HD_PAD), base-2 logits
     qpos = start_pos + i  # absolute positions of the rows
 
     # the last row of this tile (or of the chunk) sees positions < kv_end; later keys are never read
@@ -83,7 +83,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, qk_scale, start_pos
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + (block * stride_kb + slot * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         # key 0 is visible to every row, so each row's max is finite from the first tile on
         visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
