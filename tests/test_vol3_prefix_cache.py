@@ -264,3 +264,18 @@ def test_static_policy_turns_prefix_caching_off():
     assert not Scheduler(engine, policy="static").prefix_caching
     assert Scheduler(engine, policy="static-early-exit").prefix_caching
     assert not Scheduler(engine, enable_prefix_caching=False).prefix_caching
+
+
+def test_prefix_hits_count_prompt_tokens_at_first_admission_even_when_preempted():
+    """Three requests that grow past what 20 blocks hold are preempted and re-admitted, finding their
+    own earlier blocks cached: usage's cached_tokens (`n_prefix_hit`) stays within the prompt, and the
+    hit rate is about prompt tokens (queries = the prompts' lengths)."""
+    engine = Engine(weights(torch.float32), n_blocks=20, block_size=4)
+    sched = Scheduler(engine, max_batch=4)
+    reqs = [sched.add_request([1 + i, 2, 3, 4, 5], SamplingParams(max_tokens=50, ignore_eos=True)) for i in range(3)]
+    while sched.has_unfinished():
+        sched.step()
+    assert sched.n_preemptions > 0 and any(r.preemptions for r in reqs)
+    assert all(0 <= r.n_prefix_hit <= len(r.prompt) for r in reqs), [r.n_prefix_hit for r in reqs]
+    assert sched.prefix_query_tokens == sum(len(r.prompt) for r in reqs)
+    assert 0 <= sched.prefix_hit_tokens <= sched.prefix_query_tokens

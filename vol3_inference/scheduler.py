@@ -91,7 +91,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     hold: int = 0  # characters of text a stream holds back: a stop string's prefix may be forming there
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
-    n_prefix_hit: int = 0  # tokens found in the prefix cache when it was (last) admitted
+    n_prefix_hit: int = 0  # prompt tokens found in the prefix cache at its first admission
 
     @property
     def tokens(self) -> list[int]:
@@ -144,8 +144,9 @@ class Scheduler:
         trace: keep `self.trace`, a list of steps [(time, [(request id, n tokens, "prefill"|"decode")])].
         enable_prefix_caching: share the KV blocks of common prompt prefixes between requests and keep
             them after their request ends (see the module docstring); ignored (off) under "static".
-            `prefix_query_tokens` / `prefix_hit_tokens` count the known tokens of every admitted
-            request and those found cached.
+            `prefix_query_tokens` / `prefix_hit_tokens` count the prompt tokens of every request at
+            its first admission and those found cached (a preempted request's re-admission, which
+            finds its own blocks, counts in neither).
     """
 
     def __init__(self, engine: Engine, tokenizer=None, eos_id: int | None = None, max_batch: int = 32,
@@ -273,9 +274,11 @@ class Scheduler:
                 self.waiting.popleft()
                 self.running.append(r)
                 if self.prefix_caching:
-                    r.n_cached = r.n_prefix_hit = mgr.share(r.id, hit)
-                    self.prefix_query_tokens += r.n_tokens
-                    self.prefix_hit_tokens += r.n_cached
+                    r.n_cached = mgr.share(r.id, hit)
+                    if r.preemptions == 0:  # its first admission: what its prompt found cached
+                        r.n_prefix_hit = min(r.n_cached, len(r.prompt))
+                        self.prefix_query_tokens += len(r.prompt)
+                        self.prefix_hit_tokens += r.n_prefix_hit
                 plan.append((r, n, "prefill"))
                 budget, free = budget - n, free - b
             if padding and (starved or all(kind == "pad" for _, _, kind in plan)):
@@ -411,7 +414,7 @@ class Scheduler:
             r.finish_reason = "stop"  # the stop token's text is not part of the output text
             return
         if self.tokenizer is not None:
-            prev = len(r.text)
+            prev = len(r.text.rstrip("\ufffd"))  # an incomplete character's U+FFFD may become a stop's
             r.text = self.tokenizer.decode(r.output)
             if p.stop:
                 hit = find_stop(r.text, p.stop, max(0, prev - max(map(len, p.stop)) + 1))
