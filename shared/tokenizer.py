@@ -36,7 +36,9 @@ that shrink are fixed lazily: a popped heap entry whose count is stale is re-pus
 count (or dropped if zero) instead of being used. The result is exactly what recounting every pair
 after every merge would give, only without the rescan (tests/test_tokenizer.py checks this).
 
-Encoding (`Tokenizer.encode`). Each word is encoded once and cached. A word is encoded by repeatedly
+Encoding (`Tokenizer.encode`). Each word is encoded once and cached (words of at most 64 characters,
+and at most `Tokenizer.cache_words` of them: when the cache is full it is emptied and refills, so
+text from an untrusted source, a server's prompts, cannot grow it without bound). A word is encoded by repeatedly
 applying, among the pairs present, the merge learned first (smallest new id), which gives the same
 result as replaying every merge in training order.
 """
@@ -148,6 +150,9 @@ def train_merges(word_counts: dict[str, int], n_merges: int, progress=None) -> l
 class Tokenizer:
     """Byte-level BPE: 256 byte tokens, learned merges, then <|bos|> and <|eos|> as the last two ids."""
 
+    cache_words = 1 << 17  # encoded words kept at most (Shakespeare's training split has 36,434 unique)
+    CACHE_WORD_CHARS = 64  # longer words are encoded each time, not kept
+
     def __init__(self, merges: Sequence[Pair], pattern: str = GPT4_PATTERN):
         self.merges: list[Pair] = [(int(a), int(b)) for a, b in merges]
         self.pattern = pattern
@@ -202,7 +207,11 @@ class Tokenizer:
         for word in self._regex.findall(text):
             ids = cache.get(word)
             if ids is None:
-                ids = cache[word] = self._encode_word(word)
+                ids = self._encode_word(word)
+                if len(word) <= self.CACHE_WORD_CHARS:
+                    if len(cache) >= self.cache_words:
+                        cache.clear()
+                    cache[word] = ids
             out.extend(ids)
         if eos:
             out.append(self.eos_id)
@@ -225,6 +234,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD. Raises ValueError for a bad id."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @property
+    def n_cached_words(self) -> int:
+        """Words in the encoding cache now (at most `cache_words`)."""
+        return len(self._cache)
 
     @property
     def vocab_size(self) -> int:

@@ -244,3 +244,13 @@ def test_load_rejects_corrupt_file(tmp_path):
     path.write_text('{"version": 1, "merges": [')
     with pytest.raises(ValueError, match="tok.json"):
         Tokenizer.load(path)
+
+
+def test_the_word_cache_is_bounded_and_encoding_is_unchanged(tok):
+    t = Tokenizer(tok.merges)
+    t.cache_words = 50
+    words = " ".join(f"w{i}x{i * 7}" for i in range(400)) + " " + "long" * 40  # 800+ distinct words
+    first = t.encode(words)
+    assert 0 < t.n_cached_words <= 50
+    assert t.encode(words) == first == Tokenizer(tok.merges).encode(words)
+    assert t.n_cached_words <= 50
