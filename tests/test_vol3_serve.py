@@ -32,7 +32,15 @@ from vol2_torch.model import Transformer
 from vol3_inference.engine import ModelWeights
 from vol3_inference.sampling import SamplingParams
 from vol3_inference.scheduler import LLM
-from vol3_inference.serve import DrainingServer, build_app, main, render_chat
+from vol3_inference.serve import (
+    DrainingServer,
+    EngineLoop,
+    Metrics,
+    build_app,
+    main,
+    prompt_char_limit,
+    render_chat,
+)
 
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64,
                      multiple_of=16)
@@ -91,6 +99,7 @@ class Server:
         self.server.should_exit = True
         self.thread.join(timeout=60)
         self.sock.close()
+        assert not self.thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +222,15 @@ BAD = [  # (name, body, status, text in the message)
     ("n > 1", {"prompt": "x", "n": 2}, 400, "'n'"),
     ("best_of", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("logprobs", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("logprobs 0 (the sampled token's)", {"prompt": "x", "logprobs": 0}, 400, "logprobs"),
+    ("vLLM's min_tokens", {"prompt": "x", "min_tokens": 3}, 400, "min_tokens"),
+    ("vLLM's min_p", {"prompt": "x", "min_p": 0.1}, 400, "min_p"),
+    ("vLLM's include_stop_str_in_output", {"prompt": "x", "include_stop_str_in_output": True}, 400,
+     "include_stop_str_in_output"),
+    ("vLLM's allowed_token_ids", {"prompt": "x", "allowed_token_ids": [1, 2]}, 400, "allowed_token_ids"),
+    ("vLLM's bad_words", {"prompt": "x", "bad_words": ["be"]}, 400, "bad_words"),
+    ("vLLM's guided_choice", {"prompt": "x", "guided_choice": ["a", "b"]}, 400, "guided_choice"),
+    ("vLLM's guided_json", {"prompt": "x", "guided_json": {"type": "object"}}, 400, "guided_json"),
     ("echo", {"prompt": "x", "echo": True}, 400, "echo"),
     ("suffix", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("presence penalty", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
@@ -240,8 +258,17 @@ def test_bad_requests_get_an_openai_error_and_the_right_status(server, name, bod
 def test_harmless_unknown_fields_are_ignored_and_chat_errors_too(server):
     c = server.client()
     r = c.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, user="u1",
-                             extra_body={"metadata_of_mine": {"a": 1}})
+                             extra_body={"metadata_of_mine": {"a": 1}, "min_tokens": 0, "min_p": 0.0,
+                                         "include_stop_str_in_output": False, "logprobs": None})
     assert r.choices[0].text == offline(PROMPTS[0], max_tokens=5)[0]
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "To be?"}], max_tokens=3,
+                                  temperature=0, logprobs=False)  # chat's boolean, off
+    assert r.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens") as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=0)
+    assert e.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True)
     with pytest.raises(openai.BadRequestError, match="messages"):
         c.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="only text parts"):
@@ -253,13 +280,19 @@ def test_harmless_unknown_fields_are_ignored_and_chat_errors_too(server):
 # --- load ----------------------------------------------------------------------------------------------
 
 
-def test_64_concurrent_streams_some_leaving_early_some_bad_and_no_block_leaks(server):
+def test_64_concurrent_streams_some_leaving_early_some_bad_and_no_block_leaks():
     """52 good streaming requests (shared prefixes, greedy), 6 clients that disconnect after their
     first chunk, 6 bad requests, all at once: every good one gets its offline output, each bad one a
-    400, and afterwards no KV block is held (the metrics say so)."""
+    400, each early leaver is cancelled, and afterwards no KV block is held (the metrics say so).
+    The engine's steps are let through one at a time until the leavers have left and been cancelled
+    (else this tiny model could finish them before their disconnect is seen), then freely."""
+    llm = new_llm()
+    gate = Gate(llm)
+    server = Server(llm, api_key=KEY)
     good = [(PROMPTS[i % 4] + " " * (i % 3), 4 + i % 13) for i in range(52)]
     c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    before = server.metrics()
+    left = []  # leavers that have closed their stream
+    aborted = 'llama_requests_finished_total{finish_reason="abort"}'
 
     async def stream(prompt, n, leave_early=False):
         s = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
@@ -269,6 +302,7 @@ def test_64_concurrent_streams_some_leaving_early_some_bad_and_no_block_leaks(se
             text += ch.choices[0].text
             if leave_early:
                 await s.close()
+                left.append(1)
                 return None
         return text
 
@@ -277,27 +311,42 @@ def test_64_concurrent_streams_some_leaving_early_some_bad_and_no_block_leaks(se
             await c.completions.create(model=MODEL, prompt="x", max_tokens=5, top_p=1.5 + i, stream=True)
         return "bad"
 
+    async def one_step():
+        n = (await asyncio.to_thread(server.metrics))["llama_engine_steps_total"]
+        gate.step()
+        while (await asyncio.to_thread(server.metrics))["llama_engine_steps_total"] <= n:
+            await asyncio.sleep(0.01)  # polling the server's state, not waiting for time to pass
+
     async def everything():
         jobs = [stream(p, n) for p, n in good] + [stream(PROMPTS[3], 40, True) for _ in range(6)]
         jobs += [bad(i) for i in range(6)]
-        return await asyncio.wait_for(asyncio.gather(*jobs), timeout=240)
+        run = asyncio.gather(*jobs)
+        for _ in range(200):  # step by step until the leavers have left and been cancelled
+            if len(left) == 6 and (await asyncio.to_thread(server.metrics)).get(aborted, 0) == 6:
+                break
+            await one_step()
+        gate.open()
+        return await asyncio.wait_for(run, timeout=240)
 
-    results = asyncio.run(everything())
-    for (p, n), got in zip(good, results, strict=False):
-        assert got == offline(p, max_tokens=n, ignore_eos=True)[0], (p, n)
-    assert results[52:58] == [None] * 6 and results[58:] == ["bad"] * 6
+    try:
+        results = asyncio.run(everything())
+        for (p, n), got in zip(good, results, strict=False):
+            assert got == offline(p, max_tokens=n, ignore_eos=True)[0], (p, n)
+        assert results[52:58] == [None] * 6 and results[58:] == ["bad"] * 6
 
-    def settled():
+        def settled():
+            m = server.metrics()
+            return m["llama_requests_running"] == 0 and m["llama_requests_waiting"] == 0
+        wait_for(settled, "the requests to finish")
         m = server.metrics()
-        return m["llama_requests_running"] == 0 and m["llama_requests_waiting"] == 0
-    wait_for(settled, "the early leavers to be cancelled")
-    m = server.metrics()
-    assert m['llama_kv_blocks{state="used"}'] == 0
-    assert sum(m[f'llama_kv_blocks{{state="{s}"}}'] for s in ("used", "cached", "free")) == m["llama_kv_blocks_total"]
-    assert m["llama_prefix_cache_hits_total"] > before.get("llama_prefix_cache_hits_total", 0)
-    done = {r: m.get(f'llama_requests_finished_total{{finish_reason="{r}"}}', 0)
-            - before.get(f'llama_requests_finished_total{{finish_reason="{r}"}}', 0) for r in ("length", "abort")}
-    assert done["length"] + done["abort"] == 58  # each early leaver was aborted, or had finished already
+        assert m['llama_kv_blocks{state="used"}'] == 0
+        assert sum(m[f'llama_kv_blocks{{state="{s}"}}'] for s in ("used", "cached", "free")) == m["llama_kv_blocks_total"]
+        assert m["llama_prefix_cache_hits_total"] > 0
+        assert m[aborted] == 6 and m['llama_requests_finished_total{finish_reason="length"}'] == 52
+        assert m["llama_generation_tokens_total"] < sum(n for _, n in good) + 6 * 40
+    finally:
+        gate.open()
+        server.stop()
 
 
 # --- a server whose engine steps the test lets through one at a time -----------------------------------
@@ -342,7 +391,7 @@ def test_queue_full_is_429_a_cancelled_stream_frees_its_blocks_and_sigterm_drain
         # A is in the engine's first step (held at the gate): it still counts as waiting, so B is refused.
         a = c.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True,
                                  extra_body={"ignore_eos": True})
-        gate.entered.wait(30)
+        assert gate.entered.wait(30), "the first step did not start"
         with pytest.raises(openai.RateLimitError) as e:
             c.completions.create(model=MODEL, prompt="x", max_tokens=2)
         assert e.value.status_code == 429
@@ -416,7 +465,8 @@ def test_a_client_that_leaves_a_non_streaming_request_cancels_it():
         with socket.create_connection(("127.0.0.1", s.port)) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            gate.entered.wait(30)  # its first step is running: the handler waits for the final output
+            # its first step is running: the handler waits for the final output
+            assert gate.entered.wait(30), "the first step did not start"
         aborted = 'llama_requests_finished_total{finish_reason="abort"}'
         for _ in range(40):  # one step at a time, until the engine loop has cancelled it
             if s.metrics().get(aborted, 0) == 1:
@@ -445,3 +495,73 @@ def test_a_stream_interval_sends_fewer_chunks_of_the_same_text():
             build_app(new_llm(), MODEL, stream_interval=0)
     finally:
         s.stop()
+
+
+def test_sigterm_drains_even_while_the_signalled_thread_holds_the_engine_lock():
+    """uvicorn runs handle_exit as a signal handler on the asyncio thread, which may be inside
+    `submit` or `idle` holding the engine's (non-reentrant) lock: draining must not wait for it."""
+    llm = new_llm()
+    app = build_app(llm, MODEL)
+    app.state.engine = engine = EngineLoop(llm, asyncio.new_event_loop(), Metrics())
+    srv = DrainingServer(uvicorn.Config(app), app)
+    with engine.lock:  # the interrupted thread's `with self.lock:`
+        t = threading.Thread(target=srv.handle_exit, args=(signal.SIGTERM, None), daemon=True)
+        t.start()
+        t.join(timeout=30)
+        blocked = t.is_alive()
+    t.join()
+    assert not blocked, "handle_exit waited for the engine lock (in a signal handler: a deadlock)"
+    assert engine.draining and not srv.should_exit
+
+
+def test_long_prompts_are_refused_untokenized_and_tokenizing_is_off_the_event_loop():
+    w, tok = model()
+    tok = Tokenizer(tok.merges)  # a tokenizer of its own, whose encode this test watches
+    calls = []
+    encode = tok.encode
+
+    def watched(text, **kw):
+        calls.append((len(text), threading.current_thread()))
+        return encode(text, **kw)
+
+    tok.encode = watched
+    llm = LLM(w, tok, max_batch=4, block_size=4)
+    limit = prompt_char_limit(tok, CONFIG.max_seq_len)
+    assert limit == (CONFIG.max_seq_len - 1) * max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+    s = Server(llm, max_body_bytes=1 << 20)
+    try:
+        c = s.client()
+        with pytest.raises(openai.BadRequestError, match="characters") as e:
+            c.completions.create(model=MODEL, prompt="Tobe" * (limit // 4 + 1), max_tokens=2)
+        assert e.value.body["code"] == "context_length_exceeded"
+        with pytest.raises(openai.BadRequestError, match="characters"):
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * limit}])
+        assert calls == []  # refused before tokenizing
+        r = c.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+        assert r.choices[0].text == offline(PROMPTS[0], max_tokens=3)[0]
+        assert [n for n, _ in calls] == [len(PROMPTS[0])]
+        assert calls[0][1] is not s.thread  # not the thread running the asyncio loop
+    finally:
+        s.stop()
+
+
+def test_a_stop_string_with_a_character_split_across_tokens_is_found():
+    """'é' is two byte tokens (0xC3 0xA9); after the first the text ends in U+FFFD. The model is
+    steered (its logits replaced) to write 'a', 0xC3, 0xA9, 'b', 'c', ...: the stop 'é' must end it."""
+    llm = new_llm()
+    forced = [ord("a"), 0xC3, 0xA9, ord("b"), ord("c")] + [ord("d")] * 10
+    forward = llm.engine.forward_last
+
+    def steered(chunks):
+        logits = forward(chunks)
+        out = torch.full_like(logits, -1e9)
+        for i, ch in enumerate(chunks):
+            out[i, forced[ch.start_pos + len(ch.tokens) - 3]] = 0.0  # the prompt is 3 tokens
+        return out
+
+    llm.engine.forward_last = steered
+    params = SamplingParams(stop=("é",), max_tokens=10, ignore_eos=True)
+    out = llm.generate([[1, 2, 3]], params)[0]
+    assert (out.text, out.finish_reason) == ("a", "stop")
+    streamed = list(llm.stream([1, 2, 3], params))
+    assert "".join(o.new_text for o in streamed) == "a" and streamed[-1].finish_reason == "stop"

@@ -21,8 +21,10 @@ C (ctypes drops the GIL) or in torch ops, so the asyncio loop keeps serving HTTP
 Errors are OpenAI's error object {"error": {"message", "type", "param", "code"}} with the status:
 400 malformed JSON, a wrong type, a value out of range, a prompt that leaves no room in the context
 (prompt + max_tokens > the context), or an OpenAI field that would change the result and is not
-supported here (`n` > 1, `best_of` > 1, `logprobs`, `echo`, `suffix`, `logit_bias`, presence or
-frequency penalties, tools, a response format); unknown fields that change nothing (`user`,
+supported here (`n` > 1, `best_of` > 1, `logprobs` (0 included), `echo`, `suffix`, `logit_bias`,
+presence or frequency penalties, tools, a response format, and vLLM's `min_tokens`, `min_p`,
+`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `guided_*`, ...: see `UNSUPPORTED`),
+or a text prompt over `prompt_char_limit` characters (refused before it is tokenized); unknown fields that change nothing (`user`,
 `metadata`, ...) are ignored, as vLLM does. 401 a missing or wrong API key (with --api-key; /health
 and /metrics stay open), 404 another model's name, 413 a body over --max-body-bytes, 429 more than
 --max-waiting requests waiting, 503 while draining. SIGTERM drains: running and queued requests
@@ -44,6 +46,7 @@ import json
 import logging
 import math
 import queue
+import secrets
 import signal
 import sys
 import threading
@@ -143,12 +146,34 @@ def _get(body: dict, name: str, kind: str, default=None):
     return v
 
 
-# OpenAI fields that would change the result and that this server does not implement, each with the
-# value(s) that change nothing (then the field is accepted).
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False, 0),
+# OpenAI fields, and vLLM's extra ones, that would change the result and that this server does not
+# implement, each with the value(s) that change nothing (then the field is accepted; compared with
+# their type, so `logprobs: 0`, which asks for the sampled token's logprob, is not `false`).
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False,),
                "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0, 0.0),
                "frequency_penalty": (0, 0.0), "tools": ([],), "functions": ([],),
-               "response_format": ({"type": "text"},)}
+               "response_format": ({"type": "text"},),
+               # vLLM's sampling and decoding extras
+               "min_tokens": (0,), "min_p": (0, 0.0), "include_stop_str_in_output": (False,),
+               "allowed_token_ids": (), "bad_words": ([],), "use_beam_search": (False,),
+               "length_penalty": (1, 1.0), "prompt_logprobs": (), "truncate_prompt_tokens": (),
+               "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+               "logits_processors": ([],), "return_tokens_as_token_ids": (False,),
+               "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+               "structural_tag": (), "structured_outputs": ()}
+
+
+def _harmless(v, fine: tuple) -> bool:
+    return any(type(v) is type(f) and v == f for f in fine)
+
+
+def prompt_char_limit(tokenizer, capacity: int) -> int:
+    """The most characters a text prompt may have and still fit `capacity` tokens (with <|bos|>):
+    a character is at least one UTF-8 byte and a token at most the tokenizer's longest token in bytes,
+    so a longer text needs more than `capacity` tokens. Lets the server refuse a prompt before
+    tokenizing it (pure Python, and slow on long words)."""
+    longest = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+    return max(0, capacity - 1) * longest
 
 
 @dataclass
@@ -162,27 +187,30 @@ class Job:
     include_usage: bool
 
 
-def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str) -> Job:
-    """Check an OpenAI request body (a dict parsed from JSON) and turn it into a `Job`.
+def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str, max_chars: int | None = None) -> Job:
+    """Check an OpenAI request body (a dict parsed from JSON) and turn it into a `Job`. A text prompt
+    over `max_chars` characters (default `prompt_char_limit`) is refused without being tokenized.
     Raises APIError: 400 for anything wrong with it (the message names the field), 404 for another
-    model's name."""
+    model's name. Tokenizes the prompt: call it off the asyncio loop."""
     name = _get(body, "model", "str")
     if name is not None and name != model:
         raise APIError(404, f"The model `{name}` does not exist; this server serves `{model}`", "model",
                        "model_not_found")
     for key, fine in UNSUPPORTED.items():
-        if body.get(key) is not None and body[key] not in fine:
+        if body.get(key) is not None and not _harmless(body[key], fine):
             raise APIError(400, f"'{key}' = {json.dumps(body[key])[:40]} is not supported by this server", key)
     stream = _get(body, "stream", "bool", False)
     options = _get(body, "stream_options", "obj")
     if options is not None and not stream:
         raise APIError(400, "'stream_options' can only be given with 'stream': true", "stream_options")
     include_usage = bool(options and _get(options, "include_usage", "bool", False))
+    if max_chars is None:
+        max_chars = prompt_char_limit(llm.tokenizer, capacity)
     if chat:
         text = render_chat(body.get("messages"))
-        prompt_ids = llm.tokenizer.encode(text, bos=True)
+        prompt_ids = _encode(text, llm, capacity, max_chars, "messages")
     else:
-        prompt_ids = _prompt_ids(body.get("prompt"), llm)
+        prompt_ids = _prompt_ids(body.get("prompt"), llm, capacity, max_chars)
     vocab = llm.engine.config.vocab_size
     if any(not 0 <= t < vocab for t in prompt_ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
@@ -193,6 +221,8 @@ def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str) -> Jo
                        "context_length_exceeded")
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, max_name, "int", room if chat else 16)
+    if max_tokens < 1:
+        raise APIError(400, f"'{max_name}' must be >= 1, got {max_tokens}", max_name)
     if max_tokens > room:
         raise APIError(400, f"this model's context holds {capacity} tokens, but {len(prompt_ids) + max_tokens} "
                             f"were asked for ({len(prompt_ids)} in the prompt, {max_tokens} in the output)",
@@ -221,7 +251,15 @@ def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str) -> Jo
     return Job(chat, prompt_ids, params, stream, include_usage)
 
 
-def _prompt_ids(prompt, llm: LLM) -> list[int]:
+def _encode(text: str, llm: LLM, capacity: int, max_chars: int, param: str) -> list[int]:
+    """`text`'s token ids with <|bos|>; APIError (400) without tokenizing if it is over `max_chars`."""
+    if len(text) > max_chars:
+        raise APIError(400, f"the prompt is {len(text)} characters, more than this model's context of {capacity} "
+                            f"tokens can hold", param, "context_length_exceeded")
+    return llm.tokenizer.encode(text, bos=True)
+
+
+def _prompt_ids(prompt, llm: LLM, capacity: int, max_chars: int) -> list[int]:
     """A completion prompt: a string, a list of token ids, or a list holding one of these."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -230,7 +268,7 @@ def _prompt_ids(prompt, llm: LLM) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "'prompt' is empty", "prompt")
-        return llm.tokenizer.encode(prompt, bos=True)
+        return _encode(prompt, llm, capacity, max_chars, "prompt")
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         return list(prompt)
     raise APIError(400, "'prompt' must be a non-empty string or list of token ids", "prompt")
@@ -300,9 +338,10 @@ class EngineLoop:
             self.inbox.put(("cancel", h))
 
     def drain(self) -> None:
-        """Refuse new requests from now on (503); the ones in flight go on."""
-        with self.lock:
-            self.draining = True
+        """Refuse new requests from now on (503); the ones in flight go on. Takes no lock: it runs in
+        a signal handler, on a thread that may be inside `submit` or `idle` holding `self.lock`
+        (one assignment is atomic; a `submit` that read the flag just before goes through)."""
+        self.draining = True
 
     def idle(self) -> bool:
         with self.lock:
@@ -506,6 +545,7 @@ def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_wait
         raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
     cache = llm.engine.cache
     capacity = min(llm.engine.config.max_seq_len, cache.manager.n_blocks * cache.block_size)
+    max_chars = prompt_char_limit(llm.tokenizer, capacity)
     metrics = Metrics()
     created = int(time.time())
 
@@ -538,8 +578,11 @@ def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_wait
         log.exception("unhandled error")
         return error(APIError(500, f"internal error: {type(e).__name__}"))
 
+    want = f"Bearer {api_key}".encode()
+
     def check_key(request: HTTPRequest) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        got = request.headers.get("authorization", "").encode("latin-1", "replace")  # as on the wire
+        if api_key is not None and not secrets.compare_digest(got, want):  # in constant time
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     async def read_json(request: HTTPRequest) -> dict:
@@ -563,7 +606,8 @@ def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_wait
     async def handle(request: HTTPRequest, chat: bool):
         check_key(request)
         body = await read_json(request)
-        job = parse_job(body, chat, llm, capacity, model_name)
+        # tokenizing is pure Python: in a worker thread, so the asyncio loop goes on serving
+        job = await asyncio.to_thread(parse_job, body, chat, llm, capacity, model_name, max_chars)
         engine: EngineLoop = app.state.engine
         h = engine.submit(job, final_only=not job.stream)
         if job.stream:
