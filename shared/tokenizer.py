@@ -203,13 +203,13 @@ class Tokenizer:
         Special-token text inside `text` is encoded as ordinary bytes, never as a special id.
         """
         out = [self.bos_id] if bos else []
-        cache = self._cache
+        cache, room, longest = self._cache, self.cache_words, self.CACHE_WORD_CHARS
         for word in self._regex.findall(text):
             ids = cache.get(word)
             if ids is None:
                 ids = self._encode_word(word)
-                if len(word) <= self.CACHE_WORD_CHARS:
-                    if len(cache) >= self.cache_words:
+                if len(word) <= longest:
+                    if len(cache) >= room:
                         cache.clear()
                     cache[word] = ids
             out.extend(ids)
