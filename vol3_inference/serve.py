@@ -690,7 +690,11 @@ def _sse(data: dict | str) -> str:
 async def _events(engine: EngineLoop, h: Handle, model: str, interval: int = 1) -> AsyncIterator[str]:
     """The SSE stream of one request, as vLLM writes it: a chunk per step with new text (a chat stream
     opens with the assistant role), the last one with `finish_reason`, a usage chunk if asked
-    (choices []), then `data: [DONE]`. With `interval` > 1 (vLLM's --stream-interval), text is held
+    (choices []), then `data: [DONE]`. Before each write it takes everything its request has made
+    since the last one (all the outputs waiting in its queue) and sends it as one chunk: a client
+    that keeps up gets a chunk per token; when the loop falls behind the engine (under load), a
+    delta holds several tokens' text and there are fewer writes. With `interval` > 1 (vLLM's
+    --stream-interval), text is held
     until `interval` tokens have come since the last chunk (the first chunk goes at once): fewer
     writes, each a system call, for chunkier streams. If the client goes away, Starlette cancels this
     generator and the request is cancelled."""
