@@ -195,6 +195,10 @@ def test_decode_gqa_heads_share_their_kv_head():
     (lambda a: {**a, "tables": a["tables"].float()}, "integer block_tables"),
     (lambda a: {**a, "q": a["q"].transpose(1, 2).contiguous().transpose(1, 2)}, "contiguous last"),
     (lambda a: {**a, "v": a["v"][..., :32]}, "differs from k_cache"),
+    # past the compiled configurations (they would spill): G 17, hd 160
+    (lambda a: {**a, "q": torch.zeros(2, 34, 64)}, "G = H / Hkv = 17 .* at most 16"),
+    (lambda a: {**a, "q": torch.zeros(2, 4, 160), "k": torch.zeros(4, 16, 2, 160), "v": torch.zeros(4, 16, 2, 160)},
+     "hd = 160 must be at most .*128"),
 ])
 def test_decode_rejects_what_it_cannot_take(change, match):
     k = torch.zeros(4, 16, 2, 64)
@@ -263,6 +267,7 @@ def test_prefill_is_causal():
     (dict(block_m=24), "block_m must be a power of two"),
     (dict(k=torch.zeros(4, 16, 3, 64)), "H % Hkv == 0"),
     (dict(table=torch.zeros(2, 2, dtype=torch.long)), "block_table \\(W,\\) expected"),
+    (dict(q=torch.zeros(5, 4, 160), k=torch.zeros(4, 16, 2, 160)), "hd = 160 must be at most 128"),
 ])
 def test_prefill_rejects_what_it_cannot_take(kw, match):
     a = dict(q=torch.zeros(5, 4, 64), k=torch.zeros(4, 16, 2, 64), table=torch.zeros(2, dtype=torch.long),

@@ -5,7 +5,7 @@ the same job on a CPU): RMSNorm, RoPE with the KV-cache write, SwiGLU, the int8 
 and paged decode and prefill attention, each one kernel. Float weights go to `F.linear` (cuBLAS is
 what a Triton GEMM would have to beat; int8 weights have no cuBLAS kernel, so they get ours). Each op
 asks its kernel's check (`*_problem`) whether it takes the inputs and otherwise runs the reference,
-so an input outside a kernel's range (float64, a head dim over 256) still gets an answer.
+so an input outside a kernel's range (float64, an attention head dim over 128) still gets an answer.
 
 Where it runs: on CUDA tensors, compiled; on CPU tensors only in Triton's interpreter
 (`TRITON_INTERPRET=1` set before this module is imported; slow, for checking). `available(device)`

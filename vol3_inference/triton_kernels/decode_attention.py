@@ -49,13 +49,20 @@ MIN_DOT = 16  # tl.dot needs every tile dimension >= 16 on a GPU (the interprete
 PARTITION = 512  # positions per split of the split-K path
 SPLIT_THRESHOLD = PARTITION  # split when the block table covers more positions than this
 LOG2E = 1.4426950408889634
-# What COMPILE_SPECS covers. G and hd are runtime arguments, so one binary serves every G <= 16
-# (G_PAD 16) and every hd in (HD_PAD / 2, HD_PAD]: HD_PAD 64 covers the presets "medium" (hd 48),
-# "large" (the 40M, hd 64) and `make gpu-check`'s ~1B config (hd 64); 128 is LLaMA's usual head dim.
-# The block size is the engine's, 16. (On a GPU, Triton's JIT may also specialize G == 1 and hd a
-# multiple of 16: the same code with constants folded.)
-SPEC_HD_PADS = (64, 128)
+# What COMPILE_SPECS covers, and so the kernels' limits (`decode_problem` and `prefill_problem`
+# send anything past them to the reference). G and hd are runtime arguments, so one binary serves
+# every G <= MAX_GROUP (G_PAD 16) and every hd in (HD_PAD / 2, HD_PAD]: HD_PAD 64 covers the presets
+# "medium" (hd 48), "large" (the 40M, hd 64) and `make gpu-check`'s ~1B config (hd 64); 128 is
+# LLaMA's usual head dim; 16 and 32 small test models. Past them the tiles spill: G_PAD 32 or 64,
+# or HD_PAD 256, put fp32 at 255 registers and 500-1200 B of stack. The block size only divides
+# positions (n // BS, n % BS: a shift and a mask for a power of two), no tile shape, so the specs
+# compile the engine's 16 in every configuration and 8 and 32 in the fp32 ones (the most registers).
+# (On a GPU, Triton's JIT may also specialize G == 1 and hd a multiple of 16: constants folded.)
+SPEC_HD_PADS = (16, 32, 64, 128)
 SPEC_BLOCK_SIZE = 16
+SPEC_OTHER_BLOCK_SIZES = (8, 32)
+MAX_GROUP = MIN_DOT  # query heads per KV head: G_PAD is 16
+MAX_HEAD_DIM = SPEC_HD_PADS[-1]
 
 
 @triton.jit
@@ -183,8 +190,9 @@ def _precision(dtype: torch.dtype) -> str:
 def decode_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_tables: torch.Tensor, context_lens: torch.Tensor) -> str | None:
     """Why the kernel cannot take these inputs, or None. Checks shapes, dtypes, the device (CUDA, or
-    the CPU under TRITON_INTERPRET=1), strides and the block size; not values (a host sync): a length past the table's width * bs reads the table's
-    positions only, and block ids must be < NB."""
+    the CPU under TRITON_INTERPRET=1), strides, the block size (a power of two), G <= MAX_GROUP
+    and hd <= MAX_HEAD_DIM (what COMPILE_SPECS covers); not values (a host sync): a length past the
+    table's width * bs reads the table's positions only, and block ids must be < NB."""
     if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2 or context_lens.dim() != 1:
         return (f"q (B, H, hd), caches (NB, bs, Hkv, hd), block_tables (B, W) and context_lens (B,) "
                 f"expected, got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}, "
@@ -198,6 +206,9 @@ def decode_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} need B={B} rows"
     if bs & (bs - 1):
         return f"block size {bs} is not a power of two"
+    if H // Hkv > MAX_GROUP or hd > MAX_HEAD_DIM:
+        return (f"G = H / Hkv = {H // Hkv} and hd = {hd} must be at most {MAX_GROUP} and {MAX_HEAD_DIM} "
+                f"(the compiled configurations; past them the tiles spill registers)")
     if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return f"q, k_cache, v_cache must share one of float32/float16/bfloat16, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
     if block_tables.dtype not in (torch.int32, torch.int64) or context_lens.dtype not in (torch.int32, torch.int64):
@@ -220,7 +231,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     bfloat16), last dimension contiguous; block_tables: (B, W) int64 (or int32), padding entries any
     value (never read); context_lens: (B,) int64 (or int32), positions cached per sequence, >= 0
     (a length of 0 gives zeros, as the reference).
-    bs a power of two, H % Hkv == 0, any hd (padded to a power of two and masked).
+    bs a power of two, H % Hkv == 0, G = H / Hkv <= MAX_GROUP (16), hd <= MAX_HEAD_DIM (128; padded
+    to a power of two and masked).
     split_threshold, partition: the split-K rule (module docstring); partition a multiple of 32.
     Returns (B, H, hd) in q's dtype, scale 1 / sqrt(hd). Raises ValueError naming what is wrong.
     """
@@ -287,20 +299,22 @@ def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], conste
 
 
 def _compile_specs() -> list[tuple]:
-    """Every (kernel, signature, constexprs, options) the wrapper launches, in each dtype, for block
-    size 16, G <= 16 and hd in (32, 128] (SPEC_HD_PADS)."""
+    """Every (kernel, signature, constexprs, options) the wrapper launches, in each dtype, for
+    G <= MAX_GROUP and hd <= MAX_HEAD_DIM (SPEC_HD_PADS), block size 16 (and 8, 32 in fp32)."""
     specs = []
     for dtype in DTYPES:
         t = TRITON_TYPES[dtype]
+        sizes = (SPEC_BLOCK_SIZE, *SPEC_OTHER_BLOCK_SIZES) if dtype == torch.float32 else (SPEC_BLOCK_SIZE,)
         for hd_pad in SPEC_HD_PADS:
             for split in (False, True):
-                const = dict(G_PAD=MIN_DOT, HD_PAD=hd_pad, BS=SPEC_BLOCK_SIZE, BLOCK_N=BLOCK_N,
-                             PARTITION=PARTITION, SPLIT=split, PRECISION=_precision(dtype))
-                out = "*fp32" if split else f"*{t}"
-                ptrs = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", tables_ptr="*i64", lens_ptr="*i64",
-                            out_ptr=out, m_ptr=out, l_ptr=out)
-                specs.append((_decode_kernel, _signature(_decode_kernel, ptrs, ("qk_scale",), const), const,
-                              {"num_warps": _num_warps(hd_pad)}))
+                for bs in sizes if hd_pad == MAX_HEAD_DIM else (SPEC_BLOCK_SIZE,):
+                    const = dict(G_PAD=MIN_DOT, HD_PAD=hd_pad, BS=bs, BLOCK_N=BLOCK_N,
+                                 PARTITION=PARTITION, SPLIT=split, PRECISION=_precision(dtype))
+                    out = "*fp32" if split else f"*{t}"
+                    ptrs = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", tables_ptr="*i64", lens_ptr="*i64",
+                                out_ptr=out, m_ptr=out, l_ptr=out)
+                    specs.append((_decode_kernel, _signature(_decode_kernel, ptrs, ("qk_scale",), const), const,
+                                  {"num_warps": _num_warps(hd_pad)}))
         for hd_pad in SPEC_HD_PADS:
             const = dict(HD_PAD=hd_pad)
             ptrs = dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", out_ptr=f"*{t}")

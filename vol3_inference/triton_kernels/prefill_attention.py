@@ -32,15 +32,24 @@ from vol3_inference.ops import TorchOps
 from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, device_problem
 from vol3_inference.triton_kernels.decode_attention import (
     LOG2E,
+    MAX_HEAD_DIM,
     SPEC_BLOCK_SIZE,
     SPEC_HD_PADS,
+    SPEC_OTHER_BLOCK_SIZES,
     _pad,
     _precision,
     _signature,
 )
 
 BLOCK_M = 64  # query rows per program
-BLOCK_N = 32  # key positions per inner-loop tile
+BLOCK_N = 32  # key positions per inner-loop tile (16 in fp32: see _block_n)
+
+
+def _block_n(dtype: torch.dtype) -> int:
+    """Key positions per tile: 32, or 16 in fp32, whose (64, 32) IEEE-dot tiles at hd 64 spilled 24 B
+    of stack on sm_80 with 8 warps (16: none, on sm_80 and sm_90, at hd 64 and 128)."""
+    return 16 if dtype == torch.float32 else BLOCK_N
+
 
 def _num_warps(dtype: torch.dtype, hd_pad: int) -> int:
     """4 warps, or 8 where 4 spill registers on sm_80/sm_90 (255 registers and a stack): fp32 tiles,
@@ -105,7 +114,7 @@ def prefill_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_table: torch.Tensor, start_pos: int) -> str | None:
     """Why the kernel cannot take these inputs, or None: shapes, dtypes, the device (CUDA, or the CPU
     under TRITON_INTERPRET=1), strides, the block
-    size, and a table too short for start_pos + T positions (plain ints: no host sync)."""
+    size (a power of two), hd <= MAX_HEAD_DIM (128, what COMPILE_SPECS covers), and a table too short for start_pos + T positions (plain ints: no host sync)."""
     if q.dim() != 3 or k_cache.dim() != 4 or block_table.dim() != 1:
         return (f"q (T, H, hd), caches (NB, bs, Hkv, hd) and block_table (W,) expected, got "
                 f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_table.shape)}")
@@ -116,6 +125,8 @@ def prefill_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return f"q (T={T}, H={H}, hd={hd}) does not fit caches with Hkv={Hkv}, hd={hd_k} (H % Hkv == 0 needed)"
     if bs & (bs - 1):
         return f"block size {bs} is not a power of two"
+    if hd > MAX_HEAD_DIM:
+        return f"hd = {hd} must be at most {MAX_HEAD_DIM} (the compiled configurations; past it the tiles spill)"
     if start_pos < 0 or (start_pos + T) > block_table.shape[0] * bs:
         return (f"start_pos {start_pos} + T {T} positions do not fit the block table's "
                 f"{block_table.shape[0]} blocks of {bs}")
@@ -159,7 +170,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_kernel[(triton.cdiv(T, block_m), H)](
         q, k_cache, v_cache, table, out, LOG2E / math.sqrt(hd), start_pos, T, H // Hkv, hd,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
-        HD_PAD=_pad(hd), BS=bs, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        HD_PAD=_pad(hd), BS=bs, BLOCK_M=block_m, BLOCK_N=_block_n(q.dtype),
         PRECISION=_precision(q.dtype), num_warps=_num_warps(q.dtype, _pad(hd)))
     return out
 
@@ -176,17 +187,20 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def _compile_specs() -> list[tuple]:
     """Every (kernel, signature, constexprs, options) the wrapper launches with its default tiles, in
-    each dtype, for block size 16 and hd in (32, 128] (decode_attention.SPEC_HD_PADS; G and hd are
-    runtime arguments)."""
+    each dtype, for hd <= 128 (decode_attention.SPEC_HD_PADS; G and hd are runtime arguments) and
+    block size 16 (and 8, 32 in fp32 at hd 128; see decode_attention's note on the block size)."""
     specs = []
     for dtype in DTYPES:
         t = TRITON_TYPES[dtype]
         for hd_pad in SPEC_HD_PADS:
-            const = dict(HD_PAD=hd_pad, BS=SPEC_BLOCK_SIZE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                         PRECISION=_precision(dtype))
-            ptrs = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", table_ptr="*i64", out_ptr=f"*{t}")
-            specs.append((_prefill_kernel, _signature(_prefill_kernel, ptrs, ("qk_scale",), const), const,
-                          {"num_warps": _num_warps(dtype, hd_pad)}))
+            sizes = (SPEC_BLOCK_SIZE, *SPEC_OTHER_BLOCK_SIZES) if dtype == torch.float32 and hd_pad == MAX_HEAD_DIM \
+                else (SPEC_BLOCK_SIZE,)
+            for bs in sizes:
+                const = dict(HD_PAD=hd_pad, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=_block_n(dtype),
+                             PRECISION=_precision(dtype))
+                ptrs = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", table_ptr="*i64", out_ptr=f"*{t}")
+                specs.append((_prefill_kernel, _signature(_prefill_kernel, ptrs, ("qk_scale",), const), const,
+                              {"num_warps": _num_warps(dtype, hd_pad)}))
     return specs
 
 
