@@ -30,6 +30,7 @@ def test_make_gpu_check_without_cuda_prints_one_line_and_exits_0(tmp_path):
 @pytest.mark.parametrize("name,label,gbs", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM", 3350),
     ("NVIDIA H100 PCIe", "H100 PCIe", 2000),
+    ("NVIDIA H100 NVL", "H100 NVL", 3900),
     ("NVIDIA H200", "H200", 4800),
     ("NVIDIA A100-SXM4-80GB", "A100 80GB", 2039),
     ("NVIDIA A100 80GB PCIe", "A100 80GB", 2039),
@@ -76,8 +77,9 @@ def test_time_boxes_leave_the_later_sections_theirs():
     names = list(gc.SECTIONS)
     assert sum(box for _, box in gc.SECTIONS.values()) == gc.TOTAL_BUDGET_S
     assert gc.boxes(gc.TOTAL_BUDGET_S, 0, names) == gc.SECTIONS[names[0]][1]
-    # the first section overran by 60 s: the second gives that up, the last keeps its own
-    assert gc.boxes(gc.TOTAL_BUDGET_S, gc.SECTIONS[names[0]][1] + 60, names[1:]) == gc.SECTIONS[names[1]][1] - 60
+    # the first section overran by 30 s: the second gives that up, the last keeps its own
+    assert gc.boxes(gc.TOTAL_BUDGET_S, gc.SECTIONS[names[0]][1] + 30, names[1:]) == gc.SECTIONS[names[1]][1] - 30
+    assert gc.SECTIONS["tests"][1] >= 120  # a cold Triton cache compiles every kernel the GPU tests launch
     assert gc.boxes(gc.TOTAL_BUDGET_S, 0, names[-1:]) == gc.SECTIONS[names[-1]][1]
     assert gc.boxes(gc.TOTAL_BUDGET_S, gc.TOTAL_BUDGET_S, names[1:]) == 10  # never under 10 s
 
@@ -126,3 +128,25 @@ def test_hf_llama_built_in_memory_gives_our_models_logits():
     tokens = torch.randint(0, 96, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_training_on_the_fallback_text_says_it_is_not_the_40m_preset(tmp_path, monkeypatch):
+    """Without data/shakespeare the run trains the preset's shape on the checkout's text with an
+    8192-token vocabulary: the note says it is not the 40M preset and gives its parameter count."""
+    from shared.config import ModelConfig
+
+    repo = tmp_path / "repo"
+    (repo / "docs").mkdir(parents=True)
+    (repo / "docs" / "a.md").write_text("some text")
+    monkeypatch.setattr(gc, "REPO", repo)
+    monkeypatch.delenv("LLAMA_DATA_DIR", raising=False)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, max_seq_len=32, multiple_of=16)
+    flags, note = gc.training_corpus(tmp_path / "text", config)
+    assert flags[-2:] == ["--vocab-size", str(gc.FALLBACK_VOCAB)]
+    assert "not the 40M preset" in note
+    assert f"{config.replace(vocab_size=gc.FALLBACK_VOCAB).num_params():,} parameters" in note
+    assert [p.read_text() for p in (tmp_path / "text").iterdir()] == ["some text"]
+    (repo / "data" / "shakespeare").mkdir(parents=True)
+    (repo / "data" / "shakespeare" / "manifest.json").write_text("{}")
+    flags, note = gc.training_corpus(tmp_path / "text2", config)
+    assert flags == [] and "the 40M preset" in note and "not" not in note
