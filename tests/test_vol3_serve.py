@@ -565,3 +565,43 @@ def test_a_stop_string_with_a_character_split_across_tokens_is_found():
     assert (out.text, out.finish_reason) == ("a", "stop")
     streamed = list(llm.stream([1, 2, 3], params))
     assert "".join(o.new_text for o in streamed) == "a" and streamed[-1].finish_reason == "stop"
+
+
+def test_a_stream_that_falls_behind_gets_several_tokens_in_one_chunk():
+    """The asyncio loop is held busy (a callback waits on an event) while the engine runs 6 steps:
+    their outputs queue up, and the stream sends them as one chunk, the same text in fewer chunks."""
+    llm = new_llm(max_batch=1)
+    gate = Gate(llm)
+    entered = threading.Semaphore(0)
+    forward = llm.engine.forward_last
+
+    def counted(chunks):
+        entered.release()
+        return forward(chunks)
+
+    llm.engine.forward_last = counted
+    s = Server(llm)
+    release = threading.Event()
+    try:
+        text, _, _ = offline(PROMPTS[3], max_tokens=20, ignore_eos=True)
+        stream = s.client().completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+        assert entered.acquire(timeout=30), "the first step did not start"
+        s.app.state.engine.loop.call_soon_threadsafe(release.wait)  # the loop is busy until release
+        gate.step(7)  # step 1 (prefill, first token) and 6 decode steps
+        for _ in range(7):  # entering step 8 means step 7's outputs were handed over
+            assert entered.acquire(timeout=30), "a step did not start"
+        release.set()
+        gate.open()
+        chunks = [ch.choices[0].text for ch in stream]
+        assert "".join(chunks) == text
+        # a step's new text, offline; a stream that keeps up sends a chunk for each that is not empty
+        deltas = [o.new_text for o in new_llm().stream(PROMPTS[3], SamplingParams(max_tokens=20, ignore_eos=True))]
+        assert len(deltas) == 20 and sum(map(bool, deltas[:7])) > 3
+        # steps 1-7 in at most 2 chunks (step 1's may go before the loop is held), then one per step
+        # with text, and the last (finish_reason) chunk
+        assert len(chunks) <= 2 + sum(map(bool, deltas[7:])) + 1
+    finally:
+        release.set()
+        gate.open()
+        s.stop()
