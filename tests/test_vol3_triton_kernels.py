@@ -158,6 +158,7 @@ def test_int8_linear(device, dtype, M, K, N, gpu_gemv, monkeypatch):
         if M > i8.GEMV_MAX_ROWS or device == "cuda":
             pytest.skip("the GPU's GEMV tiles are what runs already")
         monkeypatch.setattr(i8, "GEMV_CONFIG_INTERPRETED", i8.GEMV_CONFIG)
+        monkeypatch.setattr(i8, "GEMV_TARGET_PROGRAMS_INTERPRETED", i8.GEMV_TARGET_PROGRAMS)
     torch.manual_seed(0)
     w, _ = quantize_int8(torch.randn(N, K))
     w.q, w.scale = w.q.to(device), w.scale.to(device)
@@ -169,6 +170,35 @@ def test_int8_linear(device, dtype, M, K, N, gpu_gemv, monkeypatch):
     # one rounding of an fp32 sum; the sum's own error is far below a half-precision ulp
     assert_close(y, exact, ulps=1, fp32_tol=2e-5)
     assert (M <= i8.GEMV_MAX_ROWS) == (M in (1, 3))  # both paths are covered
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("split_k", [1, 3, 50])
+def test_int8_gemv_rows_and_split_k(device, dtype, M, split_k, monkeypatch):
+    """The GEMV with the GPU's tiles: every row count it takes (1, 2, 3 padded to 4, 4), K = 300 in
+    one split, 3 splits (the last one short) and more splits than K has tiles (capped at one a
+    tile), reduced in order into a NaN-guarded output."""
+    monkeypatch.setattr(i8, "GEMV_CONFIG_INTERPRETED", i8.GEMV_CONFIG)
+    K, N = 300, 40
+    w, _ = quantize_int8(torch.randn(N, K, generator=torch.Generator().manual_seed(M)))
+    w.q, w.scale = w.q.to(device), w.scale.to(device)
+    x = nan_padded((M, K), dtype, device, seed=M)
+    buf, out = guarded((M, N), dtype, device)
+    i8.int8_linear(x, w, out=out, split_k=split_k)
+    assert_guards(buf)
+    assert_close(out, x.double() @ w.dequantize(torch.float64).T, ulps=1, fp32_tol=2e-5)
+
+
+def test_gemv_splits_give_a_4096_output_twice_an_h100s_sms():
+    bn, bk, _ = i8.GEMV_CONFIG[1]
+    s = i8.gemv_splits(4096, 4096, bn, bk)
+    assert s == 3 and 4096 // bn * s >= 2 * 132
+    assert i8.gemv_splits(12288, 4096, bn, bk) == 1  # a fused qkv has 384 output tiles already
+    assert i8.gemv_splits(4096, 11008, bn, bk) == 3  # the FFN down projection
+    assert i8.gemv_splits(4096, 256, bn, bk) == 1  # 2 K tiles: no split worth its partials
+    assert i8.gemv_splits(96, 64, bn, bk, target=1) == 1
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
