@@ -605,3 +605,14 @@ def test_a_stream_that_falls_behind_gets_several_tokens_in_one_chunk():
         release.set()
         gate.open()
         s.stop()
+
+
+def test_output_text_is_the_decoded_tokens_after_preemption_too():
+    """The scheduler decodes incrementally (bytes kept between steps): the text must still be
+    `tokenizer.decode(token_ids)`, also for requests preempted and recomputed (few KV blocks)."""
+    tok = model()[1]
+    llm = new_llm(max_batch=4, n_blocks=24)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, ignore_eos=True, temperature=1.0, seed=3))
+    assert llm.scheduler.n_preemptions > 0
+    for o in outs:
+        assert o.text == tok.decode(o.token_ids) and len(o.token_ids) == 40

@@ -92,6 +92,8 @@ class Request:
     hold: int = 0  # characters of text a stream holds back: a stop string's prefix may be forming there
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
     n_prefix_hit: int = 0  # prompt tokens found in the prefix cache at its first admission
+    out_bytes: bytearray = field(default_factory=bytearray)  # UTF-8 bytes of output[:n_decoded]
+    n_decoded: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -415,7 +417,7 @@ class Scheduler:
             return
         if self.tokenizer is not None:
             prev = len(r.text.rstrip("\ufffd"))  # an incomplete character's U+FFFD may become a stop's
-            r.text = self.tokenizer.decode(r.output)
+            r.text = self._decode(r)
             if p.stop:
                 hit = find_stop(r.text, p.stop, max(0, prev - max(map(len, p.stop)) + 1))
                 if hit >= 0:
@@ -424,6 +426,20 @@ class Scheduler:
                     return
         if len(r.output) >= p.max_tokens or r.n_tokens >= self.engine.config.max_seq_len:
             r.finish_reason = "length"
+
+    def _decode(self, r: Request) -> str:
+        """`tokenizer.decode(r.output)`, from bytes kept between steps when the tokenizer has
+        `token_bytes` (ours): the new tokens' bytes are appended and the bytes decoded in C, not every
+        token looked up again each step (Python work, under the GIL the server's HTTP thread needs)."""
+        token_bytes = getattr(self.tokenizer, "token_bytes", None)
+        if token_bytes is None:
+            return self.tokenizer.decode(r.output)
+        if r.n_decoded > len(r.output):  # output shortened (not expected): start over
+            r.out_bytes, r.n_decoded = bytearray(), 0
+        for t in r.output[r.n_decoded:]:
+            r.out_bytes += token_bytes(t)
+        r.n_decoded = len(r.output)
+        return r.out_bytes.decode("utf-8", errors="replace")
 
     def _output(self, r: Request) -> RequestOutput:
         out = snapshot(r, r.n_tokens_sent, r.n_text_sent)
