@@ -279,3 +279,68 @@ def test_prefix_hits_count_prompt_tokens_at_first_admission_even_when_preempted(
     assert all(0 <= r.n_prefix_hit <= len(r.prompt) for r in reqs), [r.n_prefix_hit for r in reqs]
     assert sched.prefix_query_tokens == sum(len(r.prompt) for r in reqs)
     assert 0 <= sched.prefix_hit_tokens <= sched.prefix_query_tokens
+
+
+def test_a_shared_prefix_burst_finds_the_prefix_cached_for_all_but_the_first():
+    """Eight requests with one 12-token prefix (3 blocks) queued at once, a step budget that could
+    admit them all in the first step: the others wait a step (deferred) for the first to compute the
+    prefix, so every request but the first finds all 3 blocks cached; outputs as with caching off."""
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, 300, (12,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, 300, (1 + i % 3,), generator=g).tolist() for i in range(8)]
+    params = [SamplingParams(max_tokens=5)] * len(prompts)
+    on, s_on = serve(weights(), prompts, params, caching=True, n_blocks=60, max_batch=8, budget=200)
+    off, _ = serve(weights(), prompts, params, caching=False, n_blocks=60, max_batch=8, budget=200)
+    assert s_on.prefix_query_tokens == sum(map(len, prompts))
+    assert s_on.prefix_hit_tokens == 7 * 12  # all but the first request's prefix
+    assert s_on.n_deferrals >= 7
+    assert {i: o.token_ids for i, o in on.items()} == {i: o.token_ids for i, o in off.items()}
+
+
+def test_a_request_is_not_deferred_when_nothing_else_would_run():
+    """Deferral waits only for blocks that a prefill row of the same step computes: a lone request,
+    or one whose prefix is computed by nobody, is admitted at once."""
+    engine = Engine(weights(), n_blocks=30, block_size=4)
+    sched = Scheduler(engine, max_batch=4, max_step_tokens=100)
+    a = sched.add_request(list(range(1, 14)), SamplingParams(max_tokens=3), request_id="a")
+    b = sched.add_request(list(range(50, 63)), SamplingParams(max_tokens=3), request_id="b")
+    sched.step()
+    assert a in sched.running and b in sched.running and sched.n_deferrals == 0
+
+
+prompt2 = st.lists(st.integers(1, 2), min_size=1, max_size=14)  # two tokens: shared prefixes all the time
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(0, 6), prompt2, st.integers(1, 6)), min_size=1, max_size=7),
+       n_blocks=st.integers(10, 30), max_batch=st.integers(1, 5), budget=st.integers(1, 30),
+       abort=st.sets(st.integers(0, 6), max_size=2))
+def test_deferred_admissions_change_no_output_and_leak_nothing(reqs, n_blocks, max_batch, budget, abort):
+    """Requests over a two-token alphabet arriving at drawn steps (so one is often admitted while
+    another computes its prefix, and deferred), few blocks (preemption), drawn aborts: every step
+    keeps the block manager's invariants, nothing is held at the end (10+ blocks of 2: a request
+    alone always fits), the scheduler ends, and every request not aborted gets the same tokens as
+    with caching off."""
+    def run(caching):
+        engine = Engine(weights(), n_blocks=n_blocks, block_size=2)
+        sched = Scheduler(engine, max_batch=max_batch, max_step_tokens=budget, enable_prefix_caching=caching)
+        todo, done, step = sorted(enumerate(reqs), key=lambda x: x[1][0]), {}, 0
+        while todo or sched.has_unfinished():
+            while todo and todo[0][1][0] <= step:
+                i, (_, prompt, n) = todo.pop(0)
+                sched.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True), request_id=i)
+            if step == 2:
+                sched.abort(abort)
+            done.update((o.id, o.token_ids) for o in sched.step() if o.finished)
+            engine.cache.manager.check()
+            step += 1
+            assert step < 1000, "the scheduler stopped making progress"
+        assert engine.cache.manager.used_blocks == 0
+        return done, sched
+
+    on, s_on = run(True)
+    off, _ = run(False)
+    kept = set(range(len(reqs))) - abort
+    assert kept <= set(on) and kept <= set(off)
+    assert all(on[i] == off[i] for i in set(on) & set(off))  # (an aborted one may finish before step 2)
+    assert s_on.prefix_hit_tokens <= s_on.prefix_query_tokens

@@ -23,6 +23,11 @@ admitted, the full blocks of its known tokens are looked up by their chained key
 found (K/V computed by an earlier or a running request with the same prefix) go into its table, so its
 prefill starts after them. At least its last token is always computed, for the logits that pick the
 next token. After each step, the blocks a request has just filled are registered for later requests.
+A waiting request whose next uncached full block has the same key as one that a prefill row of this
+step is still to compute (a burst of prompts with one prefix, all queued at once) is deferred: it
+stays at the head of the queue while later ones are admitted, and a step later finds that block
+cached instead of computing it again (SGLang's in-batch prefix sharing, Zheng et al. 2024; counted
+in `n_deferrals`). A prefill row is in the plan, so deferring never idles the engine.
 The tokens, and so the outputs, are the same with or without it (the K/V read are the ones the
 request would have computed: a token's K/V depends only on the tokens up to it). A preempted
 request finds its own blocks again if nothing evicted them. Under `policy="static"` it is off:
@@ -168,6 +173,7 @@ class Scheduler:
         self.n_steps = 0
         self.prefix_caching = enable_prefix_caching and policy != "static"
         self.prefix_query_tokens = self.prefix_hit_tokens = 0
+        self.n_deferrals = 0
         self._done: list[Request] = []
         self._ids = itertools.count()
 
@@ -266,15 +272,25 @@ class Scheduler:
                     budget, free = budget - n, free - b
             # static batching admits only while the batch is still in its prefill phase
             admit = self.policy == "continuous" or not any(r.output for r in self.running)
+            # keys of blocks that this step's prefill rows will compute (now or in later chunks)
+            pending = self._pending_keys(plan) if self.prefix_caching else set()
+            deferred: list[Request] = []
             while admit and self.waiting and budget > 0 and len(self.running) < self.max_batch:
                 r = self.waiting[0]
                 hit = self._match(r)  # cached blocks of its prefix ([] with prefix caching off)
+                if len(r.block_keys) > len(hit) and r.block_keys[len(hit)] in pending:
+                    # its next block is being computed by a request of this step: wait a step for it
+                    deferred.append(self.waiting.popleft())  # (pending keys imply a prefill row: no idling)
+                    self.n_deferrals += 1
+                    continue
                 n = min(r.n_tokens - len(hit) * mgr.block_size, budget)
                 b = -(-n // mgr.block_size) + mgr.room_to_share(hit)  # new blocks + cached-free ones it takes
                 if b > free:
                     break
                 self.waiting.popleft()
                 self.running.append(r)
+                if self.prefix_caching:
+                    pending.update(r.block_keys[len(hit):])
                 if self.prefix_caching:
                     r.n_cached = mgr.share(r.id, hit)
                     if r.preemptions == 0:  # its first admission: what its prompt found cached
@@ -283,6 +299,7 @@ class Scheduler:
                         self.prefix_hit_tokens += r.n_prefix_hit
                 plan.append((r, n, "prefill"))
                 budget, free = budget - n, free - b
+            self.waiting.extendleft(reversed(deferred))  # back at the head, in arrival order
             if padding and (starved or all(kind == "pad" for _, _, kind in plan)):
                 self._release_finished()  # blocks held by padding are needed for real work
                 continue
@@ -296,8 +313,22 @@ class Scheduler:
         logits), longest prefix first; [] with prefix caching off."""
         if not self.prefix_caching:
             return []
+        return self.engine.cache.manager.match(self._keys(r))
+
+    def _pending_keys(self, plan) -> set[bytes]:
+        """Keys of the full blocks (among their known tokens but the last) that the plan's prefill
+        rows have not computed yet: a waiting request whose next uncached block is one of them would
+        compute the same K/V again if admitted in this step, and finds it cached a step later."""
+        bs, keys = self.engine.cache.block_size, set()
+        for r, _, kind in plan:
+            if kind == "prefill":
+                keys.update(self._keys(r)[r.n_cached // bs:])
+        return keys
+
+    def _keys(self, r: Request) -> list[bytes]:
+        """`r.block_keys` extended to the full blocks of its known tokens but the last."""
         mgr = self.engine.cache.manager
-        return mgr.match(extend_keys(r.block_keys, r.n_tokens - 1, mgr.block_size, r.token_slice))
+        return extend_keys(r.block_keys, r.n_tokens - 1, mgr.block_size, r.token_slice)
 
     def _register(self, r: Request) -> None:
         """Offer the blocks `r` has filled (all its cached tokens computed) to later requests."""
