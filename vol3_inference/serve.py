@@ -437,30 +437,21 @@ class EngineLoop:
         return outs
 
     def _deliver(self, outs: list[RequestOutput], handles: dict[str, Handle] | None = None) -> None:
-        """Hand a step's outputs to their requests' queues, in one call into the asyncio loop."""
+        """Hand a step's outputs to their requests' queues, in one call into the asyncio loop. The
+        metrics are updated there too (`_put_all`), off this thread: the engine thread's Python work
+        between two steps holds the GIL that the next step waits for."""
         handles = handles or self.handles
-        items, now, n_new = [], time.perf_counter(), 0
+        items = []
         for out in outs:
             h = handles.get(out.id)
             if h is None:
                 continue
-            m = self.metrics
-            if out.new_token_ids:
-                n_new += len(out.new_token_ids)
-                if len(out.token_ids) == len(out.new_token_ids):  # its first token(s)
-                    m.ttft.observe(now - h.t0)
             if out.finished:
                 handles.pop(out.id, None)
-                req_times = out.token_times
-                for a, b in zip(req_times, req_times[1:], strict=False):
-                    m.tpot.observe(b - a)
-                m.finished.labels(out.finish_reason or "error").inc()
                 self._close(h)
-            if out.finished or not h.final_only:
-                items.append((h.outputs, out))
-        self.metrics.generation_tokens.inc(n_new)
+            items.append((h, out))
         if items:
-            self.loop.call_soon_threadsafe(_put_all, items)
+            self.loop.call_soon_threadsafe(_put_all, self.metrics, items, time.perf_counter())
 
     def _state(self) -> dict:
         mgr = self.llm.engine.cache.manager
@@ -473,9 +464,23 @@ class EngineLoop:
                 "evictions": mgr.n_evicted}
 
 
-def _put_all(items) -> None:
-    for q, out in items:
-        q.put_nowait(out)
+def _put_all(m: Metrics, items: list[tuple[Handle, RequestOutput]], now: float) -> None:
+    """On the asyncio loop: one step's outputs into their requests' queues (all of them, or only the
+    final one), and into the metrics (`now`: when the engine thread handed them over)."""
+    n_new = 0
+    for h, out in items:
+        if out.new_token_ids:
+            n_new += len(out.new_token_ids)
+            if len(out.token_ids) == len(out.new_token_ids):  # its first token(s)
+                m.ttft.observe(now - h.t0)
+        if out.finished:
+            times = out.token_times
+            for a, b in zip(times, times[1:], strict=False):
+                m.tpot.observe(b - a)
+            m.finished.labels(out.finish_reason or "error").inc()
+        if out.finished or not h.final_only:
+            h.outputs.put_nowait(out)
+    m.generation_tokens.inc(n_new)
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -484,7 +489,7 @@ def _put_all(items) -> None:
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own (several servers may share a process).
 
-    Histograms and token counters are updated by the engine loop as it goes; the gauges of state
+    Histograms and token counters are updated as each step's outputs reach the asyncio loop; the gauges of state
     (queues, KV blocks, prefix cache) are read from the engine loop's last snapshot at each scrape.
     """
 
