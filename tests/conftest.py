@@ -36,3 +36,32 @@ def randomize_norms(model: torch.nn.Module, low: float = 0.5, high: float = 1.5)
             if name.endswith("norm.weight"):
                 p.uniform_(low, high)
     return model.eval()
+
+
+# The Triton tests, summed up at the end of the run: on a CPU they are the kernels run in the
+# interpreter and the sm_80/sm_90 compile check, and this says how many ran and what they cost.
+TRITON_TEST_FILES = ("tests/test_vol3_triton_kernels.py", "tests/test_vol3_triton_attention.py")
+COMPILE_TEST = "test_every_kernel_compiles_for_sm80_and_sm90"
+
+
+def pytest_terminal_summary(terminalreporter):
+    counts: dict[str, dict[str, int]] = {"kernels": {}, "compile": {}}
+    seconds = {"kernels": 0.0, "compile": 0.0}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(rep, "nodeid", "")
+            if not nodeid.startswith(TRITON_TEST_FILES):
+                continue
+            group = "compile" if COMPILE_TEST in nodeid else "kernels"
+            seconds[group] += getattr(rep, "duration", 0.0)
+            if rep.when == "call" or outcome in ("skipped", "error"):
+                counts[group][outcome] = counts[group].get(outcome, 0) + 1
+    if not any(counts.values()):
+        return
+    mode = "on CUDA" if torch.cuda.is_available() else "in the interpreter (TRITON_INTERPRET=1)"
+
+    def said(group):
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts[group].items())) or "none run"
+
+    terminalreporter.write_line(f"Triton kernel tests {mode}: {said('kernels')}, {seconds['kernels']:.1f} s of test time; "
+                                f"sm_80/sm_90 compile check: {said('compile')}, {seconds['compile']:.1f} s")
