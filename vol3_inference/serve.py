@@ -77,7 +77,7 @@ becomes "System: Speak as Hamlet.\\n\\nUser: Who's there?\\n\\nAssistant:". No s
 pass "stop": ["\\n\\nUser:"] to end the reply where the model starts the next turn."""
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 DEFAULT_MAX_BODY = 1 << 20  # bytes
-SWITCH_INTERVAL = 5e-4  # seconds: how long a thread may hold the GIL while another waits (default 5e-3)
+SWITCH_INTERVAL = 1e-4  # seconds: how long a thread may hold the GIL while another waits (default 5e-3)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 
@@ -804,8 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
         tune_allocator()
-    # The engine thread drops the GIL inside a step (ctypes, torch ops) and needs it back as the step
-    # ends; by default the HTTP thread may keep it for up to 5 ms (the switch interval), a step's worth.
+    # The engine thread drops the GIL inside a step (ctypes, torch ops: several times a step) and needs
+    # it back after each; by default the HTTP thread may keep it for up to 5 ms (the switch interval), a
+    # step's worth. At 0.1 ms the 64-stream bench ran 5-20% faster than at 0.5 ms (6 runs each, 2 cores).
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         llm = LLM.from_path(args.ckpt, quant=args.quant, device=device, max_batch=args.max_running,
