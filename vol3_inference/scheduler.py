@@ -26,8 +26,9 @@ next token. After each step, the blocks a request has just filled are registered
 A waiting request whose next uncached full block has the same key as one that a prefill row of this
 step is still to compute (a burst of prompts with one prefix, all queued at once) is deferred: it
 stays at the head of the queue while later ones are admitted, and a step later finds that block
-cached instead of computing it again (SGLang's in-batch prefix sharing, Zheng et al. 2024; counted
-in `n_deferrals`). A prefill row is in the plan, so deferring never idles the engine.
+cached instead of computing it again (what SGLang's scheduler calls in-batch prefix caching, in its
+`srt/managers/schedule_policy.py`; counted in `n_deferrals`). A prefill row is in the plan, so
+deferring never idles the engine.
 The tokens, and so the outputs, are the same with or without it (the K/V read are the ones the
 request would have computed: a token's K/V depends only on the tokens up to it). A preempted
 request finds its own blocks again if nothing evicted them. Under `policy="static"` it is off:
