@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+from vol3_inference.triton_kernels import common  # noqa: E402
 from vol3_inference.triton_kernels import decode_attention as da  # noqa: E402
 from vol3_inference.triton_kernels import prefill_attention as pa  # noqa: E402
 
@@ -136,7 +137,7 @@ def test_decode_takes_the_split_path_by_table_positions(monkeypatch, width, bs, 
     """The rule: split when width * bs > split_threshold (default: one 512-position partition),
     into ceil(width * bs / 512) splits, and then combine (one program per sequence and query head)."""
     decode, combine = Launches(), Launches()
-    monkeypatch.setattr(da, "device_problem", lambda *a: None)  # the stand-ins are not jit functions
+    monkeypatch.setattr(common, "device_problem", lambda *a: None)  # the stand-ins are not jit functions
     monkeypatch.setattr(da, "_decode_kernel", decode)
     monkeypatch.setattr(da, "_combine_kernel", combine)
     B, Hkv, H = 3, 2, 6

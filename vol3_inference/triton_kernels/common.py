@@ -40,6 +40,23 @@ def device_problem(kernel, *tensors: torch.Tensor) -> str | None:
     return f"device {dev} is not supported (CUDA, or the CPU under TRITON_INTERPRET=1)"
 
 
+def attention_problem(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      *index: torch.Tensor) -> str | None:
+    """What both attention kernels ask of their inputs, or None: q, k_cache and v_cache in one of
+    `DTYPES`, integer block tables / lengths (`index`), one device the kernel runs on, and a
+    contiguous head dimension (each row of hd values is read as one vector)."""
+    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return f"q, k_cache, v_cache must share one of float32/float16/bfloat16, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+    if any(t.dtype not in (torch.int32, torch.int64) for t in index):
+        return f"integer block_tables and lengths expected, got {', '.join(str(t.dtype) for t in index)}"
+    why = device_problem(kernel, q, k_cache, v_cache, *index)
+    if why is not None:
+        return why
+    if q.stride(-1) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        return "q, k_cache and v_cache need a contiguous last (head) dimension"
+    return None
+
+
 def out_problem(name: str, out: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> str | None:
     """Why `out` cannot take a result of `shape` with `like`'s dtype and device, or None (also for
     out=None, when the wrapper allocates). It must be contiguous."""

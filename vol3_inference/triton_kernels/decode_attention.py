@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from vol3_inference.ops import TorchOps
-from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, device_problem, next_pow2
+from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, attention_problem, next_pow2
 
 BLOCK_N = 32  # context positions per inner-loop tile
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16 on a GPU (the interpreter takes less)
@@ -209,16 +209,7 @@ def decode_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if H // Hkv > MAX_GROUP or hd > MAX_HEAD_DIM:
         return (f"G = H / Hkv = {H // Hkv} and hd = {hd} must be at most {MAX_GROUP} and {MAX_HEAD_DIM} "
                 f"(the compiled configurations; past them the tiles spill registers)")
-    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        return f"q, k_cache, v_cache must share one of float32/float16/bfloat16, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
-    if block_tables.dtype not in (torch.int32, torch.int64) or context_lens.dtype not in (torch.int32, torch.int64):
-        return f"integer block_tables and context_lens expected, got {block_tables.dtype}, {context_lens.dtype}"
-    why = device_problem(_decode_kernel, q, k_cache, v_cache, block_tables, context_lens)
-    if why is not None:
-        return why
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        return "q, k_cache and v_cache need a contiguous last (head) dimension"
-    return None
+    return attention_problem(_decode_kernel, q, k_cache, v_cache, block_tables, context_lens)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

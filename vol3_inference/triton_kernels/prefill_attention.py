@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from vol3_inference.ops import TorchOps
-from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, device_problem
+from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, attention_problem
 from vol3_inference.triton_kernels.decode_attention import (
     LOG2E,
     MAX_HEAD_DIM,
@@ -130,16 +130,7 @@ def prefill_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if start_pos < 0 or (start_pos + T) > block_table.shape[0] * bs:
         return (f"start_pos {start_pos} + T {T} positions do not fit the block table's "
                 f"{block_table.shape[0]} blocks of {bs}")
-    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        return f"q, k_cache, v_cache must share one of float32/float16/bfloat16, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
-    if block_table.dtype not in (torch.int32, torch.int64):
-        return f"an integer block_table expected, got {block_table.dtype}"
-    why = device_problem(_prefill_kernel, q, k_cache, v_cache, block_table)
-    if why is not None:
-        return why
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        return "q, k_cache and v_cache need a contiguous last (head) dimension"
-    return None
+    return attention_problem(_prefill_kernel, q, k_cache, v_cache, block_table)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
