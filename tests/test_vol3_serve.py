@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import multiprocessing
 import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -35,6 +37,7 @@ from vol3_inference.scheduler import LLM
 from vol3_inference.serve import (
     DrainingServer,
     EngineLoop,
+    EngineProcess,
     Metrics,
     build_app,
     main,
@@ -75,7 +78,7 @@ class Server:
     """build_app + DrainingServer on a socket bound here (so the port is known before it starts), run
     in a thread."""
 
-    def __init__(self, llm: LLM, **kw):
+    def __init__(self, llm: LLM | EngineProcess, **kw):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)  # connections wait in the backlog until uvicorn has started
@@ -104,9 +107,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(new_llm(), api_key=KEY, max_body_bytes=1 << 16)
+    """The server most tests share runs its engine in a process of its own (as the command line does)."""
+    w, tok = model()
+    engine = EngineProcess(functools.partial(LLM, w, tok, max_batch=16, block_size=4))
+    s = Server(engine, api_key=KEY, max_body_bytes=1 << 16)
     yield s
     s.stop()
+    assert not engine.proc.is_alive() and engine.proc.exitcode == 0
 
 
 def wait_for(cond, what: str, limit: int = 400):
@@ -286,9 +293,8 @@ def test_64_concurrent_streams_some_leaving_early_some_bad_and_no_block_leaks():
     400, each early leaver is cancelled, and afterwards no KV block is held (the metrics say so).
     The engine's steps are let through one at a time until the leavers have left and been cancelled
     (else this tiny model could finish them before their disconnect is seen), then freely."""
-    llm = new_llm()
-    gate = Gate(llm)
-    server = Server(llm, api_key=KEY)
+    gate = ProcessGate()
+    server = Server(gate.engine(), api_key=KEY)
     good = [(PROMPTS[i % 4] + " " * (i % 3), 4 + i % 13) for i in range(52)]
     c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     left = []  # leavers that have closed their stream
@@ -377,14 +383,45 @@ class Gate:
         self.step(1000)
 
 
+def gated_llm(weights, tok, permits, entered, is_open, **kw) -> LLM:
+    """Run in the engine process: an LLM whose steps wait at a `ProcessGate`."""
+    llm = LLM(weights, tok, **{"max_batch": 16, "block_size": 4, **kw})
+    forward = llm.engine.forward_last
+
+    def gated(chunks):
+        entered.set()
+        if not is_open.is_set():
+            permits.acquire()
+        return forward(chunks)
+
+    llm.engine.forward_last = gated
+    return llm
+
+
+class ProcessGate(Gate):
+    """A `Gate` for an engine in a process of its own (`engine(**llm_kw)` starts it), over the
+    multiprocessing module's semaphore and events."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.permits, self.entered, self._open = ctx.Semaphore(0), ctx.Event(), ctx.Event()
+
+    def engine(self, **kw) -> EngineProcess:
+        w, tok = model()
+        return EngineProcess(functools.partial(gated_llm, w, tok, self.permits, self.entered, self._open, **kw))
+
+    def open(self) -> None:
+        self._open.set()
+        self.step(1000)
+
+
 def test_queue_full_is_429_a_cancelled_stream_frees_its_blocks_and_sigterm_drains():
     # a prompt whose first token is text of its own (a token can be part of a UTF-8 character, which a
     # stream holds back): then its first step sends a chunk
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     prompt = next(p for p in PROMPTS + [p + "." for p in PROMPTS] if next(new_llm().stream(p, params)).new_text)
-    llm = new_llm(max_batch=1)
-    gate = Gate(llm)
-    s = Server(llm, max_waiting=1)
+    gate = ProcessGate()
+    s = Server(gate.engine(max_batch=1), max_waiting=1)
     c = s.client()
     steps = lambda: s.metrics()["llama_engine_steps_total"]  # noqa: E731
     try:
@@ -429,6 +466,15 @@ def test_queue_full_is_429_a_cancelled_stream_frees_its_blocks_and_sigterm_drain
 # --- the command line ----------------------------------------------------------------------------------
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` runs (exists and is not a zombie), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_the_command_line_serves_and_exits_0_on_sigterm(tmp_path):
     w, tok = model()
     torch.manual_seed(0)
@@ -447,8 +493,12 @@ def test_the_command_line_serves_and_exits_0_on_sigterm(tmp_path):
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         r = c.completions.create(model=MODEL, prompt="To be", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")  # the engine process (Linux)
+        kids = [int(p) for p in children.read_text().split()] if children.exists() else []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        for pid in kids:  # none outlives the server
+            wait_for(lambda pid=pid: not running(pid), f"process {pid} to end with the server")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -457,9 +507,8 @@ def test_the_command_line_serves_and_exits_0_on_sigterm(tmp_path):
 
 
 def test_a_client_that_leaves_a_non_streaming_request_cancels_it():
-    llm = new_llm(max_batch=2)
-    gate = Gate(llm)
-    s = Server(llm)
+    gate = ProcessGate()
+    s = Server(gate.engine(max_batch=2))
     try:
         body = json.dumps({"prompt": PROMPTS[3], "max_tokens": 40, "temperature": 0, "ignore_eos": True}).encode()
         with socket.create_connection(("127.0.0.1", s.port)) as sock:

@@ -19,6 +19,16 @@ from vol3_inference.engine import ModelWeights
 QUANT_MODES = (None, "int8", "int8-body")  # int8-body: every linear but the LM head / embedding
 
 
+def check_path(path: str | Path) -> Path:
+    """`path` as a Path if it is a checkpoint directory or a Hugging Face Llama folder; else
+    FileNotFoundError (a quick check, before anything is loaded)."""
+    p = Path(path)
+    if not ((p / META_FILE).is_file() or (p / "config.json").is_file()):
+        raise FileNotFoundError(f"{p}: neither a checkpoint directory ({META_FILE}) nor a Hugging Face "
+                                f"model folder (config.json)")
+    return p
+
+
 def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant: str | None = None,
                  device: torch.device | str = "cpu", int8_route: str = "w8a16") -> tuple[ModelWeights, Tokenizer | None]:
     """(weights, tokenizer or None) from a checkpoint directory or a Hugging Face Llama folder, on
@@ -31,18 +41,15 @@ def load_weights(path: str | Path, *, dtype: torch.dtype = torch.float32, quant:
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
-    p = Path(path)
+    p = check_path(path)
     if (p / META_FILE).is_file():
         ckpt = load_checkpoint(p)
         config, state, tok = ckpt.config, ckpt.model, ckpt.tokenizer
-    elif (p / "config.json").is_file():
+    else:  # a Hugging Face folder (config.json)
         from vol2_torch.hf import import_hf, read_hf_tokenizer
 
         config, state = import_hf(p)
         tok = read_hf_tokenizer(p)
-    else:
-        raise FileNotFoundError(f"{p}: neither a checkpoint directory ({META_FILE}) nor a Hugging Face "
-                                f"model folder (config.json)")
     tokenizer = Tokenizer.from_dict(tok) if tok is not None else None
     if tokenizer is not None:
         tokenizer.check_vocab_size(config.vocab_size, p)

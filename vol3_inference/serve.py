@@ -6,17 +6,24 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics
 (Prometheus text format). Any OpenAI client works against http://HOST:PORT/v1.
 
-How a request goes through it. One thread, the *engine loop*, owns the `Scheduler` and the paged KV
-cache; nothing else touches them. An HTTP handler (on uvicorn's asyncio loop) only checks the
-request, tokenizes it and puts it in the engine loop's inbox, with an asyncio queue of its own. The
-engine loop, between two steps, takes everything in its inbox (new requests go to the scheduler's
-waiting queue; cancellations are aborted, freeing their blocks), runs one `Scheduler.step` (admission
-with prefix caching, prefill chunks and every running request's decode token in one forward) and
-hands each request's new tokens to its queue, all of a step's in one call into the asyncio loop. A
-streaming handler writes each piece of new text as a Server-Sent Event as it arrives; the others wait
-for the final output. A client that disconnects is noticed by its handler, which posts a cancellation:
-its request leaves the batch, and its blocks are freed, before the next step starts. The model runs in
-C (ctypes drops the GIL) or in torch ops, so the asyncio loop keeps serving HTTP during a step.
+How a request goes through it. The engine runs in a process of its own, as vLLM v1's EngineCore runs
+apart from its API server: the *engine process* owns the `LLM`, its `Scheduler` and the paged KV
+cache; the server process (uvicorn's asyncio loop) only checks requests, tokenizes them (it needs only
+the tokenizer) and writes HTTP, so the two do not share a GIL (`EngineProcess`, over two pipes). A
+handler puts (request id, prompt token ids, sampling params) in the engine's inbox (a thread writes
+them to the pipe), with an asyncio queue of its own. Between two steps the engine takes everything in
+its inbox (new requests go to the scheduler's waiting queue; cancellations are aborted, freeing their
+blocks), runs one `Scheduler.step` (admission with prefix caching, prefill chunks and every running
+request's decode token in one forward) and sends one message back: every request's new token ids
+and text, finish reasons, usage (cached prompt tokens) and the numbers /metrics shows (queues, KV
+blocks, prefix cache). The asyncio loop reads it (a reader on the pipe, no thread) and hands each
+request its outputs. A streaming handler writes each piece of new text as a Server-Sent Event as it
+arrives; the others wait for the final output. A client that disconnects is noticed by its handler,
+which posts a cancellation: its request leaves the batch, and its blocks are freed, before the next
+step starts. The engine process ignores SIGINT and SIGTERM (the server drains, then stops it) and
+ends when the server's end of its pipe closes, so it does not outlive the server. `build_app` also
+takes an `LLM` itself: then the engine runs in a thread of this process (`EngineLoop`; tests that
+reach into the model use it).
 
 Errors are OpenAI's error object {"error": {"message", "type", "param", "code"}} with the status:
 400 malformed JSON, a wrong type, a value out of range, a prompt that leaves no room in the context
@@ -42,9 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
+import multiprocessing
 import queue
 import secrets
 import signal
@@ -211,7 +220,7 @@ def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str, max_c
         prompt_ids = _encode(text, llm, capacity, max_chars, "messages")
     else:
         prompt_ids = _prompt_ids(body.get("prompt"), llm, capacity, max_chars)
-    vocab = llm.engine.config.vocab_size
+    vocab = llm.vocab_size if isinstance(llm, EngineProcess) else llm.engine.config.vocab_size
     if any(not 0 <= t < vocab for t in prompt_ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
     room = capacity - len(prompt_ids)
@@ -290,6 +299,9 @@ class Handle:
     req: Request | None = None  # the scheduler's request (engine thread only)
     admitted: bool = False
     done: bool = False
+    cancelled: bool = False  # a cancellation was sent (engine process)
+    token_ids: list[int] = field(default_factory=list)  # the output so far (engine process)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (engine process)
 
 
 class EngineLoop:
@@ -349,6 +361,9 @@ class EngineLoop:
 
     def start(self) -> None:
         self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
     def stop(self) -> None:
         """End the engine loop (after the step it is in); requests still in flight are dropped."""
@@ -483,6 +498,276 @@ def _put_all(m: Metrics, items: list[tuple[Handle, RequestOutput]], now: float) 
     m.generation_tokens.inc(n_new)
 
 
+# --- the engine in a process of its own ---------------------------------------------------------------
+
+
+def _load_llm(ckpt: str, *, quant: str | None, device: str, threads: str, **kw) -> LLM:
+    """The command line's LLM, built in the engine process (device, thread count, weights)."""
+    from shared.device import pick_device
+    from shared.threads import choose_threads
+    from vol3_inference.engine import tune_allocator
+
+    dev = pick_device(device)
+    n, _ = choose_threads(threads, dev.type, rounds=3)
+    if n is not None:
+        torch.set_num_threads(n)
+        tune_allocator()
+    return LLM.from_path(ckpt, quant=quant, device=dev, **kw)
+
+
+def _engine_state(llm: LLM) -> dict:
+    sched, mgr = llm.scheduler, llm.engine.cache.manager
+    return {"waiting": len(sched.waiting), "running": len(sched.running), "kv_used": mgr.used_blocks,
+            "kv_cached": mgr.cached_blocks, "kv_free": len(mgr.free), "kv_total": mgr.n_blocks,
+            "prefix_queries": sched.prefix_query_tokens, "prefix_hits": sched.prefix_hit_tokens,
+            "preemptions": sched.n_preemptions, "steps": sched.n_steps, "evictions": mgr.n_evicted}
+
+
+def _engine_main(make_llm: Callable[[], LLM], inbox, outbox) -> None:
+    """The engine process (vLLM's EngineCore): owns the LLM, its scheduler and KV cache. Reads lists of
+    commands from `inbox` between steps ("add", id, prompt ids, params, arrival) / ("cancel", id) /
+    ("stop",); after each step (or batch of commands) sends one message with every request's news.
+    Ends on "stop", or when the server's end of a pipe closes (the server died: no orphan)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C, or SIGTERM to the process group: the server
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # decides (it drains, then stops this process)
+    try:
+        llm = make_llm()
+        if llm.tokenizer is None:
+            raise ValueError("the server needs a tokenizer (text prompts, stop strings, streamed text)")
+        cache = llm.engine.cache
+        capacity = min(llm.engine.config.max_seq_len, cache.manager.n_blocks * cache.block_size)
+        outbox.send(("ready", llm.tokenizer, llm.engine.config.vocab_size, capacity, _engine_state(llm)))
+    except (OSError, ValueError) as e:
+        outbox.send(("error", " ".join(str(e).split())))
+        return
+    sched = llm.scheduler
+    live: dict[str, Request] = {}  # id -> the scheduler's request, until it finishes or is cancelled
+    queued: set[str] = set()  # not yet admitted
+    try:
+        while True:
+            cmds = []
+            if not sched.has_unfinished():  # nothing to step: sleep until there is work
+                cmds += inbox.recv()
+            while inbox.poll():
+                cmds += inbox.recv()
+            outs, aborted, admitted = [], [], []
+            for cmd in cmds:
+                if cmd[0] == "add":
+                    _, rid, prompt_ids, params, t0 = cmd
+                    try:
+                        req = sched.add_request(prompt_ids, params, request_id=rid)
+                    except RequestError as e:  # parse_job checks what add_request does: not expected
+                        outs.append((rid, [], "", True, "error", str(e), 0, [], ""))
+                        continue
+                    req.arrival_time = t0
+                    live[rid] = req
+                    queued.add(rid)
+                elif cmd[0] == "cancel":
+                    if live.pop(cmd[1], None) is not None:
+                        sched.abort([cmd[1]])
+                        queued.discard(cmd[1])
+                        aborted.append(cmd[1])
+                elif cmd[0] == "stop":
+                    return
+            stepped = sched.has_unfinished()
+            if stepped:
+                try:
+                    results = sched.step()
+                except Exception as e:  # a bug, not a bad request (those fail alone inside step)
+                    log.exception("engine step failed; failing every request in flight")
+                    results = [RequestOutput(rid, [], [], "", [], "", True, "error", f"{type(e).__name__}: {e}")
+                               for rid in live]
+                    sched.abort(list(live))
+                for o in results:
+                    req = live.get(o.id)
+                    if req is None:
+                        continue
+                    if o.finished:
+                        del live[o.id]
+                        queued.discard(o.id)
+                        outs.append((o.id, o.new_token_ids, o.new_text, True, o.finish_reason, o.error,
+                                     req.n_prefix_hit, o.token_times, o.text))
+                    else:
+                        outs.append((o.id, o.new_token_ids, o.new_text, False, None, None, 0, None, None))
+            if queued:
+                waiting = {r.id for r in sched.waiting}
+                admitted = [rid for rid in queued if rid not in waiting]
+                queued.difference_update(admitted)
+            if cmds or stepped:
+                outbox.send(("step", outs, admitted, aborted, _engine_state(llm)))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the server is gone
+
+
+class EngineProcess:
+    """The HTTP process's side of the engine process (vLLM's AsyncLLM to its EngineCore): the same
+    interface as `EngineLoop`, over two pipes. Starting it starts the process and waits until the
+    model is loaded (raises ValueError with the engine's message if it could not be); the tokenizer,
+    the vocabulary size and the context capacity come back from it, for the HTTP side's checks.
+
+    Everything here runs on the asyncio loop once `attach`ed (submit, cancel, drain, idle and the
+    reader of the engine's messages), except the sender thread, which writes commands to the pipe
+    (so that a full pipe never blocks the loop while the engine blocks writing to it)."""
+
+    def __init__(self, make_llm: Callable[[], LLM], start_method: str = "spawn"):
+        ctx = multiprocessing.get_context(start_method)
+        self._from_engine, to_server = ctx.Pipe(duplex=False)
+        from_server, self._to_engine = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_engine_main, args=(make_llm, from_server, to_server), daemon=True,
+                                name="engine-core")
+        self.proc.start()
+        from_server.close()
+        to_server.close()
+        try:
+            msg = self._from_engine.recv()
+        except EOFError:
+            self.proc.join()
+            raise ValueError(f"the engine process died while starting (exit code {self.proc.exitcode})") from None
+        if msg[0] == "error":
+            self.proc.join()
+            raise ValueError(msg[1])
+        _, self.tokenizer, self.vocab_size, self.capacity, self._state = msg
+        self.handles: dict[str, Handle] = {}
+        self.max_waiting: int | None = None
+        self.metrics: Metrics | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.n_waiting = 0  # submitted, not yet admitted: what --max-waiting bounds
+        self.n_in_flight = 0  # submitted, not yet finished or cancelled
+        self.draining = False
+        self.dead = False
+        self._sendq: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
+        self._sender.start()
+
+    @property
+    def state(self) -> dict:
+        return {**self._state, "waiting": self.n_waiting}
+
+    def attach(self, loop: asyncio.AbstractEventLoop, metrics: Metrics, max_waiting: int | None) -> None:
+        self.loop, self.metrics, self.max_waiting = loop, metrics, max_waiting
+        loop.add_reader(self._from_engine.fileno(), self._on_readable)
+
+    def alive(self) -> bool:
+        return not self.dead and self.proc.is_alive()
+
+    def submit(self, job: Job, final_only: bool) -> Handle:
+        if self.draining:
+            raise APIError(503, "the server is shutting down and takes no new requests")
+        if self.dead:
+            raise APIError(503, "the engine has stopped")
+        if self.max_waiting is not None and self.n_waiting >= self.max_waiting:
+            raise APIError(429, f"{self.n_waiting} requests are waiting already (--max-waiting "
+                                f"{self.max_waiting}); retry later")
+        h = Handle(("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex, job, asyncio.Queue(),
+                   final_only=final_only)
+        self.n_waiting += 1
+        self.n_in_flight += 1
+        self.handles[h.id] = h
+        self._sendq.put(("add", h.id, job.prompt_ids, job.params, h.t0))
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        return h
+
+    def cancel(self, h: Handle) -> None:
+        if not h.done and not h.cancelled:
+            h.cancelled = True
+            self._sendq.put(("cancel", h.id))
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def idle(self) -> bool:
+        return self.n_in_flight == 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        """Stop the engine process (after the step it is in); requests still in flight are dropped."""
+        if self.loop is not None and not self.dead:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self._from_engine.fileno())
+        self._sendq.put(("stop",))
+        self._sendq.put(None)
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self._sender.join(timeout=5)
+        self._from_engine.close()
+        self.dead = True
+
+    def _send_loop(self) -> None:
+        while True:
+            cmds = [self._sendq.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    cmds.append(self._sendq.get_nowait())
+            end = None in cmds
+            cmds = [c for c in cmds if c is not None]
+            try:
+                if cmds:
+                    self._to_engine.send(cmds)
+            except (BrokenPipeError, OSError):
+                end = True
+            if end:
+                self._to_engine.close()
+                return
+
+    def _close(self, h: Handle) -> None:
+        self.handles.pop(h.id, None)
+        if not h.admitted:
+            h.admitted = True
+            self.n_waiting -= 1
+        self.n_in_flight -= 1
+        h.done = True
+
+    def _on_readable(self) -> None:
+        try:
+            while self._from_engine.poll():
+                self._on_step(self._from_engine.recv())
+        except (EOFError, OSError):
+            self._died()
+
+    def _died(self) -> None:
+        log.error("the engine process stopped (exit code %s)", self.proc.exitcode)
+        self.dead = True
+        self.loop.remove_reader(self._from_engine.fileno())
+        items = []
+        for h in list(self.handles.values()):
+            self._close(h)
+            items.append((h, RequestOutput(h.id, h.job.prompt_ids, h.token_ids, "", [], "", True, "error",
+                                           "the engine process stopped")))
+        _put_all(self.metrics, items, time.perf_counter())
+
+    def _on_step(self, msg) -> None:
+        _, outs, admitted, aborted, self._state = msg
+        now = time.perf_counter()
+        for rid in admitted:
+            h = self.handles.get(rid)
+            if h is not None and not h.admitted:
+                h.admitted = True
+                self.n_waiting -= 1
+        for rid in aborted:
+            h = self.handles.get(rid)
+            if h is not None:
+                self.metrics.finished.labels("abort").inc()
+                self._close(h)
+        items = []
+        for rid, new_ids, new_text, finished, reason, error, cached, times, text in outs:
+            h = self.handles.get(rid)
+            if h is None:
+                continue
+            h.token_ids.extend(new_ids)
+            out = RequestOutput(rid, h.job.prompt_ids, h.token_ids, text or "", new_ids, new_text, finished,
+                                reason, error, None, times or [])
+            if finished:
+                h.cached_tokens = cached
+                self._close(h)
+            items.append((h, out))
+        if items:
+            _put_all(self.metrics, items, now)
+
+
 # --- metrics -----------------------------------------------------------------------------------------
 
 
@@ -537,7 +822,7 @@ class Metrics:
 # --- the HTTP app ------------------------------------------------------------------------------------
 
 
-def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_waiting: int | None = None,
+def build_app(llm: LLM | EngineProcess, model_name: str, *, api_key: str | None = None, max_waiting: int | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY, stream_interval: int = 1):
     """The FastAPI app serving `llm` under the name `model_name`. Its engine loop starts with the app
     (lifespan) and is `app.state.engine` from then on; `app.state.drain()` starts draining, as SIGTERM
@@ -548,15 +833,22 @@ def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_wait
         raise ValueError("the server needs a tokenizer (text prompts, stop strings, streamed text)")
     if stream_interval < 1:
         raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
-    cache = llm.engine.cache
-    capacity = min(llm.engine.config.max_seq_len, cache.manager.n_blocks * cache.block_size)
+    if isinstance(llm, EngineProcess):
+        capacity = llm.capacity
+    else:
+        cache = llm.engine.cache
+        capacity = min(llm.engine.config.max_seq_len, cache.manager.n_blocks * cache.block_size)
     max_chars = prompt_char_limit(llm.tokenizer, capacity)
     metrics = Metrics()
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine = EngineLoop(llm, asyncio.get_running_loop(), metrics, max_waiting)
+        if isinstance(llm, EngineProcess):
+            engine = llm
+            engine.attach(asyncio.get_running_loop(), metrics, max_waiting)
+        else:
+            engine = EngineLoop(llm, asyncio.get_running_loop(), metrics, max_waiting)
         app.state.engine = metrics.engine = engine
         engine.start()
         try:
@@ -641,7 +933,7 @@ def build_app(llm: LLM, model_name: str, *, api_key: str | None = None, max_wait
     @app.get("/health")
     async def health():
         engine: EngineLoop = app.state.engine
-        if engine.draining or not engine.thread.is_alive():
+        if engine.draining or not engine.alive():
             return JSONResponse({"status": "draining" if engine.draining else "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
@@ -673,7 +965,7 @@ async def _final(engine: EngineLoop, h: Handle, request) -> RequestOutput | None
 def _usage(h: Handle, out: RequestOutput) -> dict:
     """OpenAI's usage object; cached_tokens: prompt tokens found in the prefix cache."""
     n_prompt, n_out = len(h.job.prompt_ids), len(out.token_ids)
-    cached = h.req.n_prefix_hit if h.req is not None else 0
+    cached = h.req.n_prefix_hit if h.req is not None else h.cached_tokens
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -792,34 +1084,35 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--kv-blocks must be >= 1, got {args.kv_blocks}")
     if not 0 <= args.port < 65536:
         return fail(f"--port must be in [0, 65535], got {args.port}")
-    from shared.device import pick_device
-    from shared.threads import choose_threads
-    from vol3_inference.engine import tune_allocator
+    # The engine (weights, scheduler, KV cache) runs in a process of its own, as vLLM's EngineCore:
+    # this one only parses, tokenizes and writes HTTP, and the two do not share a GIL.
+    # Here the asyncio loop shares the GIL with the tokenizing threads and the one writing commands to
+    # the engine: a short switch interval (default 5 ms) lets a new request reach the engine sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    make_llm = functools.partial(_load_llm, args.ckpt, quant=args.quant, device=args.device, threads=args.threads,
+                                 max_batch=args.max_running, max_step_tokens=args.max_step_tokens,
+                                 n_blocks=args.kv_blocks, enable_prefix_caching=not args.no_prefix_caching)
+    from vol3_inference.load import check_path
 
     try:
-        device = pick_device(args.device)
-        threads, _ = choose_threads(args.threads, device.type, rounds=3)
-    except ValueError as e:
-        return fail(str(e))
-    if threads is not None:
-        torch.set_num_threads(threads)
-        tune_allocator()
-    # The engine thread drops the GIL inside a step (ctypes, torch ops: several times a step) and needs
-    # it back after each; by default the HTTP thread may keep it for up to 5 ms (the switch interval), a
-    # step's worth. At 0.1 ms the 64-stream bench ran 5-20% faster than at 0.5 ms (6 runs each, 2 cores).
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    try:
-        llm = LLM.from_path(args.ckpt, quant=args.quant, device=device, max_batch=args.max_running,
-                            max_step_tokens=args.max_step_tokens, n_blocks=args.kv_blocks,
-                            enable_prefix_caching=not args.no_prefix_caching)
-        app = build_app(llm, args.model_name or args.ckpt, api_key=args.api_key, max_waiting=args.max_waiting,
-                        max_body_bytes=args.max_body_bytes, stream_interval=args.stream_interval)
+        check_path(args.ckpt)  # before a process starts
+        engine = EngineProcess(make_llm)
     except (OSError, ValueError) as e:
+        return fail(" ".join(str(e).split()))
+    try:
+        app = build_app(engine, args.model_name or args.ckpt, api_key=args.api_key, max_waiting=args.max_waiting,
+                        max_body_bytes=args.max_body_bytes, stream_interval=args.stream_interval)
+    except ValueError as e:
+        engine.stop()
         return fail(" ".join(str(e).split()))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, timeout_graceful_shutdown=None)
     server = DrainingServer(config, app)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if not engine.dead:  # uvicorn did not start (the lifespan stops it otherwise)
+            engine.stop()
     return 0
 
 
