@@ -196,7 +196,9 @@ def build_parser() -> ArgumentParser:
                    help="batch slots, in process and in the server (64: every request can run at once)")
     p.add_argument("--max-step-tokens", type=int, default=512, help="tokens per engine step")
     p.add_argument("--rounds", type=int, default=3, help="alternating runs of each variant; each keeps its fastest")
-    p.add_argument("--threads", default="auto", help="torch threads for the engine (in process and in the server)")
+    p.add_argument("--threads", default="1",
+                   help="torch threads for the engine, in process and in the server alike (default 1: on two "
+                        "cores the server's HTTP process and the clients need the other; 'auto' times 1 vs 2)")
     add_output_args(p)
     return p
 
