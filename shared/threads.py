@@ -23,7 +23,7 @@ TRAIN_PROBE = ((1024, 192, 512),)  # one micro-batch of the small preset (4 x 25
 # many-row work that follows (a batched decode step, a training step) gains from the second thread.
 # 25%, not 5% as before: on an otherwise idle machine the probe's two threads came out up to 15%
 # slower than one from moment to moment, while the serving right after it ran faster on two threads
-# in every such round (`python -m bench.probes threads`; vol3_inference/README.md §11).
+# in every such round (`python -m bench.probes threads`; docs/vol3-notes.md, "Notes for running it").
 TIE = 0.25
 
 
