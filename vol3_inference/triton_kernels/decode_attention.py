@@ -66,6 +66,28 @@ MAX_HEAD_DIM = SPEC_HD_PADS[-1]
 
 
 @triton.jit
+def attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, block, slot, kvh, d, kv_mask, visible,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, qk_scale,
+                PRECISION: tl.constexpr):
+    """One tile of BLOCK_N cached positions folded into FlashAttention's online softmax (Dao et al.
+    2022, alg. 1; base 2): q (R, HD_PAD) fp32, R query rows; the positions' cache blocks and slots
+    (BLOCK_N,) (read through the block table by the caller); kv_mask (BLOCK_N, HD_PAD) which keys and
+    value entries exist; visible (R, BLOCK_N) which scores count. Returns the running (acc (R, HD_PAD),
+    max m (R,), sum l (R,)) with the tile added. Shared by the decode and prefill kernels."""
+    k = tl.load(k_ptr + (block * stride_kb + slot * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (R, BLOCK_N), base-2 logits
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_new = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + (block * stride_vb + slot * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
+    return acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION), m_new, l_new
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
                    qk_scale, width, G, HD,
                    stride_qb, stride_qh,
@@ -109,19 +131,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_
         # int64 block ids: the offsets below are int64, so a large cache cannot overflow them
         block = tl.load(tables_ptr + b * stride_tb + n // BS, mask=n_ok, other=0)
         slot = n % BS
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + (block * stride_kb + slot * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (G_PAD, BLOCK_N), base-2 logits
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a valid position
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + (block * stride_vb + slot * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+        # every tile has a valid position, so each row's max is finite from the first tile on
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, block, slot, kvh, d, n_ok[:, None] & d_ok[None, :],
+                                    n_ok[None, :], stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                    qk_scale, PRECISION)
 
     out_mask = g_ok[:, None] & d_ok[None, :]
     if SPLIT:

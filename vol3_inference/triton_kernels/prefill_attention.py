@@ -39,6 +39,7 @@ from vol3_inference.triton_kernels.decode_attention import (
     _pad,
     _precision,
     _signature,
+    attend_tile,
 )
 
 BLOCK_M = 64  # query rows per program
@@ -89,21 +90,11 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, qk_scale, start_pos
         n_ok = n < kv_end
         block = tl.load(table_ptr + n // BS, mask=n_ok, other=0)  # int64 block ids
         slot = n % BS
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + (block * stride_kb + slot * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         # key 0 is visible to every row, so each row's max is finite from the first tile on
-        visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + (block * stride_vb + slot * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, HD_PAD)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+        visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]  # causal, offset by the cached prefix
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, block, slot, kvh, d, n_ok[:, None] & d_ok[None, :],
+                                    visible, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                    qk_scale, PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + i[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
