@@ -59,7 +59,7 @@ def gemv_layout(w: torch.Tensor) -> torch.Tensor:
     same values stored column-major (`w.t()` is contiguous), else unchanged (row-major).
 
     `F.linear(x, w)` computes x @ w.t(); with w.t() contiguous, MKL's sgemm streams the (in, out)
-    matrix row by row. Measured by `python -m bench.probes layout` (chapter 3, section 4):
+    matrix row by row. Measured by `python -m bench.probes layout` (docs/vol3-notes.md, "Weight layout"):
     faster for fp32 at every batch size timed, most at one row (about 1.4x for the large preset's matrices
     coming from DRAM); for bfloat16 the same layout was about 7x slower, so it stays row-major.
     The shape, and every result, are unchanged; only the strides differ.
