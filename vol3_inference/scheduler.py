@@ -274,9 +274,12 @@ class Scheduler:
             # static batching admits only while the batch is still in its prefill phase
             admit = self.policy == "continuous" or not any(r.output for r in self.running)
             # keys of blocks that this step's prefill rows will compute (now or in later chunks)
-            pending = self._pending_keys(plan) if self.prefix_caching else set()
+            pending = self._pending_keys(plan) if self.prefix_caching and self.waiting else set()
             deferred: list[Request] = []
-            while admit and self.waiting and budget > 0 and len(self.running) < self.max_batch:
+            # a deferred request takes no budget: stop after as many as there are free batch slots
+            max_deferred = self.max_batch - len(self.running)
+            while (admit and self.waiting and budget > 0 and len(self.running) < self.max_batch
+                   and len(deferred) < max_deferred):
                 r = self.waiting[0]
                 hit = self._match(r)  # cached blocks of its prefix ([] with prefix caching off)
                 if len(r.block_keys) > len(hit) and r.block_keys[len(hit)] in pending:
@@ -292,7 +295,6 @@ class Scheduler:
                 self.running.append(r)
                 if self.prefix_caching:
                     pending.update(r.block_keys[len(hit):])
-                if self.prefix_caching:
                     r.n_cached = mgr.share(r.id, hit)
                     if r.preemptions == 0:  # its first admission: what its prompt found cached
                         r.n_prefix_hit = min(r.n_cached, len(r.prompt))
