@@ -102,10 +102,10 @@ def test_rmsnorm_and_residual_add(device, dtype, D):
     assert_close(y, rn.reference(x, w, 1e-5), ulps=3)  # x * rstd rounded, then * w rounded
     buf, out = guarded((3, D), dtype, device)
     rbuf, rout = guarded((3, D), dtype, device)
-    y, r = rn.add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=rout)
+    r, y = rn.add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=rout)
     assert_guards(buf)
     assert_guards(rbuf)
-    y_ref, r_ref = rn.reference_add(x, res, w, 1e-5)
+    r_ref, y_ref = rn.reference_add(x, res, w, 1e-5)
     assert_close(r, r_ref, ulps=1)
     # the normed output sees the stored residual: compare against the reference on that one
     assert_close(y, rn.reference(r, w, 1e-5), ulps=3)

@@ -97,8 +97,7 @@ class TritonOps(TorchOps):
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, rmsnorm(x + delta)) in one kernel pass (`triton_kernels/rmsnorm.py`)."""
         if (why := _rmsnorm.rmsnorm_problem(x, weight, delta)) is None:
-            normed, new_x = _rmsnorm.add_rmsnorm(x, delta, weight, eps, checked=True)
-            return new_x, normed
+            return _rmsnorm.add_rmsnorm(x, delta, weight, eps, checked=True)
         cls._fallback("add_rmsnorm", why)
         return TorchOps.add_rmsnorm.__func__(TorchOps, x, delta, weight, eps)
 
@@ -132,7 +131,7 @@ class TritonOps(TorchOps):
         args = (q, k_cache, v_cache, block_tables, context_lens)
         why = "no decode_attention kernel module" if _decode is None else _decode.decode_problem(*args)
         if why is None:
-            return _decode.paged_decode_attention(*args)
+            return _decode.paged_decode_attention(*args, checked=True)
         cls._fallback("decode_attention", why)
         return TorchOps.decode_attention.__func__(TorchOps, *args)
 
@@ -143,7 +142,7 @@ class TritonOps(TorchOps):
         args = (q, k_cache, v_cache, block_table, start_pos)
         why = "no prefill_attention kernel module" if _prefill is None else _prefill.prefill_problem(*args)
         if why is None:
-            return _prefill.prefill_attention(*args, k_new, v_new)
+            return _prefill.prefill_attention(*args, k_new, v_new, checked=True)
         cls._fallback("prefill_attention", why)
         return TorchOps.prefill_attention.__func__(TorchOps, *args, k_new, v_new)
 

@@ -123,12 +123,14 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
                 checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """r = x + residual and rmsnorm(r, weight, eps), in one pass. x, residual (..., D) of one dtype.
-    Returns (normed, r) of x's shape and dtype: `out` and `residual_out` (contiguous) if given, else
-    new tensors. Raises ValueError naming what is wrong (see `rmsnorm_problem`)."""
+    Returns (r, normed), the order of the ops contract (`TorchOps.add_rmsnorm`), of x's shape and
+    dtype: `residual_out` and `out` (contiguous) if given, else new tensors. Raises ValueError naming
+    what is wrong (see `rmsnorm_problem`)."""
     if not checked and (why := rmsnorm_problem(x, weight, residual) or out_problem("out", out, x.shape, x)
                         or out_problem("residual_out", residual_out, x.shape, x)) is not None:
         raise ValueError(f"add_rmsnorm: {why}")
-    return _launch(x, weight, residual, eps, out, residual_out)
+    normed, r = _launch(x, weight, residual, eps, out, residual_out)
+    return r, normed
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,9 +140,8 @@ def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def reference_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain-torch residual add + RMSNorm: (rmsnorm(x + residual), x + residual)."""
-    r = x + residual
-    return TorchOps.rmsnorm(r, weight, eps), r
+    """The plain-torch residual add + RMSNorm (`TorchOps.add_rmsnorm`): (x + residual, rmsnorm of it)."""
+    return TorchOps.add_rmsnorm(x, residual, weight, eps)
 
 
 def _specs():
