@@ -227,7 +227,8 @@ def decode_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                           split_threshold: int = SPLIT_THRESHOLD, partition: int = PARTITION) -> torch.Tensor:
+                           split_threshold: int = SPLIT_THRESHOLD, partition: int = PARTITION,
+                           checked: bool = False) -> torch.Tensor:
     """Decode attention read in place from the paged cache; same semantics as
     `ops.TorchOps.decode_attention`.
 
@@ -238,9 +239,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     bs a power of two, H % Hkv == 0, G = H / Hkv <= MAX_GROUP (16), hd <= MAX_HEAD_DIM (128; padded
     to a power of two and masked).
     split_threshold, partition: the split-K rule (module docstring); partition a multiple of 32.
+    checked: the caller has had `decode_problem` say None for these inputs (TritonOps, once a call).
     Returns (B, H, hd) in q's dtype, scale 1 / sqrt(hd). Raises ValueError naming what is wrong.
     """
-    why = decode_problem(q, k_cache, v_cache, block_tables, context_lens)
+    why = None if checked else decode_problem(q, k_cache, v_cache, block_tables, context_lens)
     if why is None and (partition <= 0 or partition % BLOCK_N):
         why = f"partition must be a positive multiple of {BLOCK_N}, got {partition}"
     if why is not None:

@@ -127,7 +127,7 @@ def prefill_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_table: torch.Tensor, start_pos: int,
                       k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None, *,
-                      block_m: int = BLOCK_M) -> torch.Tensor:
+                      block_m: int = BLOCK_M, checked: bool = False) -> torch.Tensor:
     """Causal attention of one sequence's chunk over the paged cache; same semantics as
     `ops.TorchOps.prefill_attention`.
 
@@ -136,9 +136,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     chunk's keys and values; block_table: (W,) int64 (or int32), W * bs >= start_pos + T.
     k_new, v_new (T, Hkv, hd): accepted for the op's signature and not read (the cache holds them).
     block_m: query rows per program, a power of two >= 16 (tests shrink it to get several tiles).
+    checked: the caller has had `prefill_problem` say None for these inputs (TritonOps, once a call).
     Returns (T, H, hd) in q's dtype, scale 1 / sqrt(hd). Raises ValueError naming what is wrong.
     """
-    why = prefill_problem(q, k_cache, v_cache, block_table, start_pos)
+    why = None if checked else prefill_problem(q, k_cache, v_cache, block_table, start_pos)
     if why is None and (block_m < 16 or block_m & (block_m - 1)):
         why = f"block_m must be a power of two >= 16, got {block_m}"
     if why is not None:
