@@ -377,13 +377,10 @@ def big_config():
 
 
 def large_preset():
-    """The 40M preset: `large`, or its old name where the checkout predates the rename."""
+    """The 40M preset, `large`."""
     from shared.config import get_preset
 
-    try:
-        return get_preset("large")
-    except ValueError:
-        return get_preset("seed512")
+    return get_preset("large")
 
 
 def hf_llama(model, config, dtype):
@@ -541,9 +538,7 @@ def training_corpus(folder: Path, config=None) -> tuple[list[str], str]:
 def section_train(part: Part, budget: float, out: Path) -> int:
     import torch
 
-    from shared.config import PRESETS
-
-    preset = "large" if "large" in PRESETS else "seed512"
+    preset = "large"
     # the run folder (a ~0.5 GB checkpoint) and the fallback text live outside the report's folder;
     # its metrics.jsonl is copied there
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-train-"))

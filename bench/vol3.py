@@ -56,7 +56,7 @@ from bench.vol3_tables import draw_chart, draw_timeline, print_tables
 from bench.workload import BATCHED, bench_serving, make_workload
 from shared.checkpoint import DEFAULT_CKPT
 from shared.cli import ArgumentParser, fail
-from shared.config import get_preset
+from shared.config import PRESET_ALIASES, get_preset
 from shared.device import pick_device
 from shared.results import machine
 from shared.threads import choose_threads
@@ -318,7 +318,7 @@ def build_parser() -> ArgumentParser:
 def parse_args(argv: list[str] | None):
     """The parsed flags, or an error message for a bad one."""
     args = build_parser().parse_args(argv)
-    models = [{"seed512": "large"}.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
+    models = [PRESET_ALIASES.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"trained", "large"}:
         return f"--models takes trained and/or large, got {args.models!r}"
     args.models = models
