@@ -175,6 +175,7 @@ class Scheduler:
         self.prefix_caching = enable_prefix_caching and policy != "static"
         self.prefix_query_tokens = self.prefix_hit_tokens = 0
         self.n_deferrals = 0
+        self.admitted: list[Hashable] = []  # ids of the requests the last step took from `waiting`
         self._done: list[Request] = []
         self._ids = itertools.count()
 
@@ -234,6 +235,8 @@ class Scheduler:
         req.preemptions += 1
         self.n_preemptions += 1
         self.waiting.appendleft(req)
+        if req.id in self.admitted:  # admitted and preempted in the same step: still waiting
+            self.admitted.remove(req.id)
 
     def _schedule(self) -> list[tuple[Request, int, str]]:
         """Pick (request, tokens to compute, "prefill" | "decode" | "pad") for this step, preempting
@@ -293,6 +296,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 self.running.append(r)
+                self.admitted.append(r.id)
                 if self.prefix_caching:
                     pending.update(r.block_keys[len(hit):])
                     r.n_cached = mgr.share(r.id, hit)
@@ -350,8 +354,11 @@ class Scheduler:
         """Run one iteration; returns an output for every request that produced tokens or finished,
         or with `final_only`, for every request that finished (what `LLM.generate` needs: vLLM's
         `RequestOutputKind.FINAL_ONLY`), which spares building an output per row per step. (Its
-        `new_token_ids` and `new_text` are then everything not yet returned by earlier steps.)"""
+        `new_token_ids` and `new_text` are then everything not yet returned by earlier steps.)
+        `self.admitted` then lists the ids of the requests this step moved from `waiting` to
+        `running` (a server's --max-waiting counts requests until they leave the queue)."""
         self._done: list[Request] = []
+        self.admitted = []
         plan = self._schedule()
         events: dict[Hashable, Request] = {r.id: r for r in self._done}
         if plan:

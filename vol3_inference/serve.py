@@ -318,7 +318,6 @@ class EngineLoop:
         self.max_waiting = max_waiting
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.handles: dict[str, Handle] = {}  # engine thread only
-        self._queued: list[Handle] = []  # submitted, not yet admitted (engine thread only)
         self.lock = threading.Lock()
         self.n_waiting = 0  # submitted, not yet admitted (under lock): what --max-waiting bounds
         self.n_in_flight = 0  # submitted, not yet finished or cancelled (under lock)
@@ -408,7 +407,6 @@ class EngineLoop:
         req.arrival_time = h.t0
         h.req = req
         self.handles[h.id] = h
-        self._queued.append(h)
         self.metrics.prompt_tokens.inc(len(h.job.prompt_ids))
 
     def _cancel(self, h: Handle) -> None:
@@ -428,20 +426,13 @@ class EngineLoop:
 
     def _admitted(self) -> None:
         """Requests that left the waiting queue no longer count against --max-waiting."""
-        if not self._queued:
-            return
-        waiting = {r.id for r in self.sched.waiting}
-        still = []
-        for h in self._queued:
-            if h.done or h.admitted:
-                continue
-            if h.id in waiting:
-                still.append(h)
-            else:
+        for rid in self.sched.admitted:
+            h = self.handles.get(rid)
+            if h is not None and not h.admitted:
                 with self.lock:
                     h.admitted = True
                     self.n_waiting -= 1
-        self._queued = still
+        self.sched.admitted = []
 
     def _fail_all(self, e: Exception) -> list[RequestOutput]:
         outs = []
@@ -542,7 +533,6 @@ def _engine_main(make_llm: Callable[[], LLM], inbox, outbox) -> None:
         return
     sched = llm.scheduler
     live: dict[str, Request] = {}  # id -> the scheduler's request, until it finishes or is cancelled
-    queued: set[str] = set()  # not yet admitted
     try:
         while True:
             cmds = []
@@ -550,7 +540,7 @@ def _engine_main(make_llm: Callable[[], LLM], inbox, outbox) -> None:
                 cmds += inbox.recv()
             while inbox.poll():
                 cmds += inbox.recv()
-            outs, aborted, admitted = [], [], []
+            outs, aborted, admitted = [], [], []  # admitted: ids that left the waiting queue this step
             for cmd in cmds:
                 if cmd[0] == "add":
                     _, rid, prompt_ids, params, t0 = cmd
@@ -561,11 +551,9 @@ def _engine_main(make_llm: Callable[[], LLM], inbox, outbox) -> None:
                         continue
                     req.arrival_time = t0
                     live[rid] = req
-                    queued.add(rid)
                 elif cmd[0] == "cancel":
                     if live.pop(cmd[1], None) is not None:
                         sched.abort([cmd[1]])
-                        queued.discard(cmd[1])
                         aborted.append(cmd[1])
                 elif cmd[0] == "stop":
                     return
@@ -578,21 +566,17 @@ def _engine_main(make_llm: Callable[[], LLM], inbox, outbox) -> None:
                     results = [RequestOutput(rid, [], [], "", [], "", True, "error", f"{type(e).__name__}: {e}")
                                for rid in live]
                     sched.abort(list(live))
+                admitted = sched.admitted
                 for o in results:
                     req = live.get(o.id)
                     if req is None:
                         continue
                     if o.finished:
                         del live[o.id]
-                        queued.discard(o.id)
                         outs.append((o.id, o.new_token_ids, o.new_text, True, o.finish_reason, o.error,
                                      req.n_prefix_hit, o.token_times, o.text))
                     else:
                         outs.append((o.id, o.new_token_ids, o.new_text, False, None, None, 0, None, None))
-            if queued:
-                waiting = {r.id for r in sched.waiting}
-                admitted = [rid for rid in queued if rid not in waiting]
-                queued.difference_update(admitted)
             if cmds or stepped:
                 outbox.send(("step", outs, admitted, aborted, _engine_state(llm)))
     except (EOFError, BrokenPipeError, ConnectionResetError):
