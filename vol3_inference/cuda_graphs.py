@@ -160,22 +160,12 @@ class DecodeGraphs:
         an op whose kernel refuses its inputs raises `triton_ops.ReferenceFallback` instead of
         running the reference, which may sync with the host. Returns the logits (b, V)."""
         e = self.engine
-        c, w = e.config, e.weights
         ops = e.ops.strict_ops() if strict else e.ops  # strict: a reference fallback raises
-        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         tok, pos, slot, lens = self.ints[:, :b]  # (b,) each, views of the static buffer
         tables = self.tables[:b]  # (b, W)
-        x = e._embed(tok)  # (b, D)
-        norms = [L.attention_norm for L in w.layers[1:]] + [w.norm]  # the norm after each layer's FFN add
-        h = ops.rmsnorm(x, w.layers[0].attention_norm if w.layers else w.norm, c.norm_eps)
-        for li, L in enumerate(w.layers):
-            kc, vc = e._layer_caches[li]
-            qkv = ops.linear(h, L.wqkv)  # (b, (H + 2 Hkv) hd)
-            q, _, _ = ops.rope_qkv_cache(qkv, e.rope_freqs, pos, slot, kc, vc, H, Hkv)
-            attn = ops.decode_attention(q, kc, vc, tables, lens)  # (b, H, hd)
-            x, h = ops.add_rmsnorm(x, ops.linear(attn.reshape(b, H * hd), L.wo), L.ffn_norm, c.norm_eps)
-            x, h = ops.add_rmsnorm(x, ops.linear(ops.swiglu(ops.linear(h, L.w13)), L.w2), norms[li], c.norm_eps)
-        return ops.linear(h, w.output)  # (b, V)
+        h = e._layers(ops, e._embed(tok), pos, slot,
+                      lambda q, k, v, kc, vc: ops.decode_attention(q, kc, vc, tables, lens))  # (b, D)
+        return ops.linear(h, e.weights.output)  # (b, V)
 
     def _capture(self, b: int) -> None:
         """Record bucket b's graph: an eager run first, on a side stream as PyTorch's CUDA-graph

@@ -338,8 +338,7 @@ class Engine:
     def _step_ops(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
         """The step op by op through `self.ops`: decode chunks first, shortest context first
         (contiguous rows for batched attention), then prefill chunks."""
-        c, ops, mgr, dev = self.config, self.ops, self.cache.manager, self.device
-        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        ops, mgr, dev = self.ops, self.cache.manager, self.device
         order = sorted(range(len(chunks)), key=lambda i: (not self._is_decode(chunks[i]), chunks[i].start_pos))
         chunks = [chunks[i] for i in order]
         n_dec = sum(self._is_decode(ch) for ch in chunks)
@@ -350,7 +349,6 @@ class Engine:
         tokens = list(itertools.chain.from_iterable(ch.tokens for ch in chunks))
         positions = list(itertools.chain.from_iterable(range(ch.start_pos, ch.start_pos + len(ch.tokens)) for ch in chunks))
         slots = mgr.append_many([ch.seq for ch in chunks], [len(ch.tokens) for ch in chunks])
-        N = len(tokens)
         tok, pos, slot = torch.tensor([tokens, positions, slots], dtype=torch.long, device=dev)  # one upload
         # The reference's batched decode attention pads every sequence to the longest one in its call.
         # Mixing short and long contexts (what continuous batching does) would waste up to half of that
@@ -369,8 +367,30 @@ class Engine:
             row += len(ch.tokens)
 
         last_rows = None if all_logits else torch.from_numpy(last).to(dev)  # uploaded before the layers keep a GPU busy
-        x = self._embed(tok)  # (N, D)
-        layers = self.weights.layers
+        def attend(q, k, v, kc, vc):  # (N, H, hd) each layer: decode groups and prefill chunks
+            if not prefills and n_groups == 1:
+                return ops.decode_attention(q, kc, vc, dec_groups[0][2], dec_groups[0][3])
+            attn = torch.empty_like(q)
+            for r0, r1, tables, lens in dec_groups:
+                attn[r0:r1] = ops.decode_attention(q[r0:r1], kc, vc, tables, lens)
+            for r, T, start, table in prefills:
+                attn[r:r + T] = ops.prefill_attention(q[r:r + T], kc, vc, table, start, k[r:r + T], v[r:r + T])
+            return attn
+
+        h = self._layers(ops, self._embed(tok), pos, slot, attend)  # (N, D), final-normed
+
+        if all_logits:
+            logits = ops.linear(h, self.weights.output)  # (N, V)
+            return self._unsort([logits[a:b] for a, b in itertools.pairwise(bounds)], order)
+        return ops.linear(h[last_rows], self.weights.output)  # (B, V), in the caller's chunk order
+
+    def _layers(self, ops, x: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, attend) -> torch.Tensor:
+        """Every layer over the step's rows x (N, D) at positions pos and cache slots slot (N,),
+        through `ops`; `attend(q, k, v, k_cache, v_cache)` -> (N, H, hd) is the step's attention
+        (the caller knows which rows decode and which prefill). Returns the final-normed (N, D).
+        The one layer loop of the op-by-op step and of the CUDA-graph step (`cuda_graphs`)."""
+        c, layers = self.config, self.weights.layers
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         # each residual add and the norm after it are one op (a backend may fuse them): the FFN's
         # add goes with the next layer's attention norm, the last layer's with the final norm
         norms = [L.attention_norm for L in layers[1:]] + [self.weights.norm]
@@ -379,23 +399,11 @@ class Engine:
             kc, vc = self._layer_caches[li]  # (NB, bs, Hkv, hd) each
             qkv = ops.linear(h, L.wqkv)  # (N, (H + 2 Hkv) hd)
             q, k, v = ops.rope_qkv_cache(qkv, self.rope_freqs, pos, slot, kc, vc, H, Hkv)  # k, v now cached
-            if not prefills and n_groups == 1:
-                attn = ops.decode_attention(q, kc, vc, dec_groups[0][2], dec_groups[0][3])  # (N, H, hd)
-            else:
-                attn = torch.empty_like(q)
-                for r0, r1, tables, lens in dec_groups:
-                    attn[r0:r1] = ops.decode_attention(q[r0:r1], kc, vc, tables, lens)
-                for r, T, start, table in prefills:
-                    attn[r:r + T] = ops.prefill_attention(q[r:r + T], kc, vc, table, start,
-                                                          k[r:r + T], v[r:r + T])
-            x, h = ops.add_rmsnorm(x, ops.linear(attn.reshape(N, H * hd), L.wo), L.ffn_norm, c.norm_eps)  # (N, D)
+            attn = attend(q, k, v, kc, vc)  # (N, H, hd)
+            x, h = ops.add_rmsnorm(x, ops.linear(attn.reshape(-1, H * hd), L.wo), L.ffn_norm, c.norm_eps)  # (N, D)
             # (N, 2F) -> (N, F) -> (N, D); h: the next layer's attention norm, or the final norm
             x, h = ops.add_rmsnorm(x, ops.linear(ops.swiglu(ops.linear(h, L.w13)), L.w2), norms[li], c.norm_eps)
-
-        if all_logits:
-            logits = ops.linear(h, self.weights.output)  # (N, V)
-            return self._unsort([logits[a:b] for a, b in itertools.pairwise(bounds)], order)
-        return ops.linear(h[last_rows], self.weights.output)  # (B, V), in the caller's chunk order
+        return h
 
     def _refuse(self, chunks: Sequence[Chunk]) -> None:
         """Raise ValueError for the first chunk that `_step` cannot run, saying why."""
