@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from bench.report import Report, add_output_args, say
-from bench.workload import make_workload
+from bench.workload import best_of, latency, make_workload, tpot_s
 from shared.checkpoint import DEFAULT_CKPT
 from shared.cli import ArgumentParser, fail
 from shared.threads import choose_threads
@@ -153,19 +153,14 @@ def run_inprocess(llm: LLM, work: list[tuple[list[int], int]]) -> dict:
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in work], params)
     wall = time.perf_counter() - t0
-    tpot = [(o.token_times[-1] - o.token_times[0]) / (len(o.token_times) - 1) for o in outs if len(o.token_times) > 1]
     return summarize(wall, [o.text for o in outs], [len(o.token_ids) for o in outs], [len(p) for p, _ in work],
-                     [o.ttft for o in outs], tpot)
+                     [o.ttft for o in outs], tpot_s(outs))
 
 
 def summarize(wall: float, texts, n_out, n_prompt, ttft, tpot) -> dict:
-    def pct(v, q, scale=1.0):
-        return scale * float(np.percentile(v, q))
-
     return {"wall_s": wall, "output_tokens": int(sum(n_out)), "prompt_tokens": int(sum(n_prompt)),
             "tok_s": sum(n_out) / wall, "total_tok_s": (sum(n_out) + sum(n_prompt)) / wall,
-            "ttft_s": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-            "tpot_ms": {"p50": pct(tpot, 50, 1e3), "p95": pct(tpot, 95, 1e3)}, "texts": texts}
+            **latency(ttft, tpot), "texts": texts}
 
 
 def shared_prefix_work(val: np.ndarray, n: int, max_seq_len: int, seed: int = 1) -> list[tuple[list[int], int]]:
@@ -181,11 +176,6 @@ def shared_prefix_work(val: np.ndarray, n: int, max_seq_len: int, seed: int = 1)
         s = int(rng.integers(0, len(val) - k))
         work.append((prefix + [int(t) for t in val[s:s + k]], SHARED_OUT))
     return work
-
-
-def best_of(runs: list[dict]) -> dict:
-    best = min(runs, key=lambda r: r["wall_s"])
-    return {**best, "walls": [r["wall_s"] for r in runs]}
 
 
 def build_parser() -> ArgumentParser:

@@ -29,6 +29,27 @@ BATCHED = {"static": ("static", 128), "static, early exit": ("static-early-exit"
            "continuous": ("continuous", None)}
 
 
+def tpot_s(outputs) -> list[float]:
+    """Time per output token (s) of each finished `RequestOutput` with two tokens or more: the time
+    from its first token to its last over the tokens between."""
+    return [(o.token_times[-1] - o.token_times[0]) / (len(o.token_times) - 1)
+            for o in outputs if len(o.token_times) > 1]
+
+
+def latency(ttft_s, tpot) -> dict:
+    """{"ttft_s": {p50, p95} in s, "tpot_ms": {p50, p95} in ms} of per-request TTFT and TPOT (s)."""
+    def pct(v, q, scale=1.0):
+        return scale * float(np.percentile(v, q))
+
+    return {"ttft_s": {"p50": pct(ttft_s, 50), "p95": pct(ttft_s, 95)},
+            "tpot_ms": {"p50": pct(tpot, 50, 1e3), "p95": pct(tpot, 95, 1e3)}}
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The run with the least wall time, with every run's wall time as "walls"."""
+    return {**min(runs, key=lambda r: r["wall_s"]), "walls": [r["wall_s"] for r in runs]}
+
+
 def make_workload(n: int, max_seq_len: int, prompt_source, seed: int = 0,
                   max_output: int = 256) -> list[tuple[list[int], int]]:
     """n (prompt, output length) pairs: prompt 8-128 tokens, output 16-max_output, capped by the context.
@@ -56,13 +77,9 @@ def run_serving(weights, work, *, max_batch: int, policy: str, max_step_tokens: 
     reqs = {out.id: out for out in sched.run(final_only=True)}
     wall = time.perf_counter() - t0
     n_tokens = sum(len(o.token_ids) for o in reqs.values())
-    ttft = [o.ttft for o in reqs.values()]
-    tpot = [(o.token_times[-1] - o.token_times[0]) / (len(o.token_times) - 1)
-            for o in reqs.values() if len(o.token_times) > 1]
     res = {"tok_s": n_tokens / wall, "wall_s": wall, "output_tokens": n_tokens, "steps": sched.n_steps,
            "preemptions": sched.n_preemptions,
-           "ttft_s": {"p50": float(np.percentile(ttft, 50)), "p95": float(np.percentile(ttft, 95))},
-           "tpot_ms": {"p50": 1e3 * float(np.percentile(tpot, 50)), "p95": 1e3 * float(np.percentile(tpot, 95))},
+           **latency([o.ttft for o in reqs.values()], tpot_s(reqs.values())),
            "peak_kv_blocks": engine.cache.manager.peak_blocks_used, "kv_blocks": n_blocks,
            "outputs": {k: v.token_ids for k, v in reqs.items()}}
     if trace:
@@ -122,8 +139,7 @@ def bench_serving(weights, work, max_batch: int, max_output: int = 256, sweep: S
              for _ in range(rounds)]
     runs: dict = {}
     for key in ("sequential", *BATCHED):
-        runs[key] = {**min((t[key] for t in tries), key=lambda r: r["wall_s"]),
-                     "walls": [t[key]["wall_s"] for t in tries]}
+        runs[key] = best_of([t[key] for t in tries])
     # The same scheduler on int8 weights, on the default route, the one the fused step runs; its
     # tokens may differ from fp32's, so not in `same`.
     qweights = weights.quantize()
