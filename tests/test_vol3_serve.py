@@ -1,10 +1,12 @@
 """vol3_inference.serve: the real `openai` client against the server on 127.0.0.1.
 
-A tiny random model with a tokenizer trained here (no trained checkpoint needed). The server runs in
-this process (uvicorn in a thread, on a socket bound here to a free port); its greedy outputs are
-compared with `LLM.generate` run offline on the same weights: the fused C step (or the torch ops) is
-batch-invariant and prefix caching reads K/V computed the same way, so they must be equal. One test
-starts the real command line in a subprocess and stops it with SIGTERM.
+A tiny random model with a tokenizer trained here (no trained checkpoint needed). The HTTP server runs
+in this process (uvicorn in a thread, on a socket bound here to a free port) and its engine in a
+process of its own (`EngineProcess`), as the command line runs them; tests that hold the engine's
+steps use a `ProcessGate` (multiprocessing semaphores and events). Greedy outputs are compared with
+`LLM.generate` run offline on the same weights: the fused C step (or the torch ops) is batch-invariant
+and prefix caching reads K/V computed the same way, so they must be equal. One test starts the real
+command line in a subprocess and stops it with SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,9 +38,7 @@ from vol3_inference.sampling import SamplingParams
 from vol3_inference.scheduler import LLM
 from vol3_inference.serve import (
     DrainingServer,
-    EngineLoop,
     EngineProcess,
-    Metrics,
     build_app,
     main,
     prompt_char_limit,
@@ -78,7 +78,7 @@ class Server:
     """build_app + DrainingServer on a socket bound here (so the port is known before it starts), run
     in a thread."""
 
-    def __init__(self, llm: LLM | EngineProcess, **kw):
+    def __init__(self, llm: EngineProcess, **kw):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)  # connections wait in the backlog until uvicorn has started
@@ -358,38 +358,14 @@ def test_64_concurrent_streams_some_leaving_early_some_bad_and_no_block_leaks():
 # --- a server whose engine steps the test lets through one at a time -----------------------------------
 
 
-class Gate:
-    """Wraps the engine's forward: each step waits for a permit (`step(n)` gives n; `open()` all)."""
-
-    def __init__(self, llm: LLM):
-        self.permits, self.entered = threading.Semaphore(0), threading.Event()
-        self.is_open = False
-        forward = llm.engine.forward_last
-
-        def gated(chunks):
-            self.entered.set()
-            if not self.is_open:
-                self.permits.acquire()
-            return forward(chunks)
-
-        llm.engine.forward_last = gated
-
-    def step(self, n: int = 1) -> None:
-        for _ in range(n):
-            self.permits.release()
-
-    def open(self) -> None:
-        self.is_open = True
-        self.step(1000)
-
-
-def gated_llm(weights, tok, permits, entered, is_open, **kw) -> LLM:
+def gated_llm(weights, tok, permits, entered, is_open, started, **kw) -> LLM:
     """Run in the engine process: an LLM whose steps wait at a `ProcessGate`."""
     llm = LLM(weights, tok, **{"max_batch": 16, "block_size": 4, **kw})
     forward = llm.engine.forward_last
 
     def gated(chunks):
         entered.set()
+        started.release()
         if not is_open.is_set():
             permits.acquire()
         return forward(chunks)
@@ -398,17 +374,24 @@ def gated_llm(weights, tok, permits, entered, is_open, **kw) -> LLM:
     return llm
 
 
-class ProcessGate(Gate):
-    """A `Gate` for an engine in a process of its own (`engine(**llm_kw)` starts it), over the
-    multiprocessing module's semaphore and events."""
+class ProcessGate:
+    """Holds the steps of an engine in a process of its own (`engine(**llm_kw)` starts it): each step
+    waits for a permit (`step(n)` gives n; `open()` all). `entered` is set when a step first starts;
+    `started` is released as each one starts."""
 
     def __init__(self):
         ctx = multiprocessing.get_context("spawn")
-        self.permits, self.entered, self._open = ctx.Semaphore(0), ctx.Event(), ctx.Event()
+        self.permits, self.started = ctx.Semaphore(0), ctx.Semaphore(0)
+        self.entered, self._open = ctx.Event(), ctx.Event()
 
     def engine(self, **kw) -> EngineProcess:
         w, tok = model()
-        return EngineProcess(functools.partial(gated_llm, w, tok, self.permits, self.entered, self._open, **kw))
+        return EngineProcess(functools.partial(gated_llm, w, tok, self.permits, self.entered, self._open,
+                                               self.started, **kw))
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.permits.release()
 
     def open(self) -> None:
         self._open.set()
@@ -517,7 +500,7 @@ def test_a_client_that_leaves_a_non_streaming_request_cancels_it():
             # its first step is running: the handler waits for the final output
             assert gate.entered.wait(30), "the first step did not start"
         aborted = 'llama_requests_finished_total{finish_reason="abort"}'
-        for _ in range(40):  # one step at a time, until the engine loop has cancelled it
+        for _ in range(40):  # one step at a time, until the engine has cancelled it
             if s.metrics().get(aborted, 0) == 1:
                 break
             n = s.metrics()["llama_engine_steps_total"]
@@ -533,39 +516,24 @@ def test_a_client_that_leaves_a_non_streaming_request_cancels_it():
 
 
 def test_a_stream_interval_sends_fewer_chunks_of_the_same_text():
-    s = Server(new_llm(), stream_interval=4)
+    with pytest.raises(ValueError, match="stream_interval"):
+        build_app(None, MODEL, stream_interval=0)  # checked before the engine is looked at
+    w, tok = model()
+    s = Server(EngineProcess(functools.partial(LLM, w, tok, max_batch=16, block_size=4)), stream_interval=4)
     try:
         text, _, _ = offline(PROMPTS[3], max_tokens=20, ignore_eos=True)
         chunks = list(s.client().completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0,
                                                     stream=True, extra_body={"ignore_eos": True}))
         assert "".join(ch.choices[0].text for ch in chunks) == text
         assert len(chunks) <= 1 + 20 // 4 + 1  # the first at once, then one per 4 tokens, then the last
-        with pytest.raises(ValueError, match="stream_interval"):
-            build_app(new_llm(), MODEL, stream_interval=0)
     finally:
         s.stop()
 
 
-def test_sigterm_drains_even_while_the_signalled_thread_holds_the_engine_lock():
-    """uvicorn runs handle_exit as a signal handler on the asyncio thread, which may be inside
-    `submit` or `idle` holding the engine's (non-reentrant) lock: draining must not wait for it."""
-    llm = new_llm()
-    app = build_app(llm, MODEL)
-    app.state.engine = engine = EngineLoop(llm, asyncio.new_event_loop(), Metrics())
-    srv = DrainingServer(uvicorn.Config(app), app)
-    with engine.lock:  # the interrupted thread's `with self.lock:`
-        t = threading.Thread(target=srv.handle_exit, args=(signal.SIGTERM, None), daemon=True)
-        t.start()
-        t.join(timeout=30)
-        blocked = t.is_alive()
-    t.join()
-    assert not blocked, "handle_exit waited for the engine lock (in a signal handler: a deadlock)"
-    assert engine.draining and not srv.should_exit
-
-
 def test_long_prompts_are_refused_untokenized_and_tokenizing_is_off_the_event_loop():
     w, tok = model()
-    tok = Tokenizer(tok.merges)  # a tokenizer of its own, whose encode this test watches
+    engine = EngineProcess(functools.partial(LLM, w, tok, max_batch=4, block_size=4))
+    tok = engine.tokenizer  # this process's copy, which the server tokenizes with: its encode is watched
     calls = []
     encode = tok.encode
 
@@ -574,11 +542,11 @@ def test_long_prompts_are_refused_untokenized_and_tokenizing_is_off_the_event_lo
         return encode(text, **kw)
 
     tok.encode = watched
-    llm = LLM(w, tok, max_batch=4, block_size=4)
-    limit = prompt_char_limit(tok, CONFIG.max_seq_len)
-    assert limit == (CONFIG.max_seq_len - 1) * max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
-    s = Server(llm, max_body_bytes=1 << 20)
+    s = Server(engine, max_body_bytes=1 << 20)
     try:
+        assert engine.capacity == CONFIG.max_seq_len
+        limit = prompt_char_limit(tok, CONFIG.max_seq_len)
+        assert limit == (CONFIG.max_seq_len - 1) * max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
         c = s.client()
         with pytest.raises(openai.BadRequestError, match="characters") as e:
             c.completions.create(model=MODEL, prompt="Tobe" * (limit // 4 + 1), max_tokens=2)
@@ -619,27 +587,18 @@ def test_a_stop_string_with_a_character_split_across_tokens_is_found():
 def test_a_stream_that_falls_behind_gets_several_tokens_in_one_chunk():
     """The asyncio loop is held busy (a callback waits on an event) while the engine runs 6 steps:
     their outputs queue up, and the stream sends them as one chunk, the same text in fewer chunks."""
-    llm = new_llm(max_batch=1)
-    gate = Gate(llm)
-    entered = threading.Semaphore(0)
-    forward = llm.engine.forward_last
-
-    def counted(chunks):
-        entered.release()
-        return forward(chunks)
-
-    llm.engine.forward_last = counted
-    s = Server(llm)
+    gate = ProcessGate()
+    s = Server(gate.engine(max_batch=1))
     release = threading.Event()
     try:
         text, _, _ = offline(PROMPTS[3], max_tokens=20, ignore_eos=True)
         stream = s.client().completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0,
                                                stream=True, extra_body={"ignore_eos": True})
-        assert entered.acquire(timeout=30), "the first step did not start"
+        assert gate.started.acquire(timeout=30), "the first step did not start"
         s.app.state.engine.loop.call_soon_threadsafe(release.wait)  # the loop is busy until release
         gate.step(7)  # step 1 (prefill, first token) and 6 decode steps
-        for _ in range(7):  # entering step 8 means step 7's outputs were handed over
-            assert entered.acquire(timeout=30), "a step did not start"
+        for _ in range(7):  # entering step 8 means step 7's outputs were sent to the server
+            assert gate.started.acquire(timeout=30), "a step did not start"
         release.set()
         gate.open()
         chunks = [ch.choices[0].text for ch in stream]

@@ -15,15 +15,13 @@ them to the pipe), with an asyncio queue of its own. Between two steps the engin
 its inbox (new requests go to the scheduler's waiting queue; cancellations are aborted, freeing their
 blocks), runs one `Scheduler.step` (admission with prefix caching, prefill chunks and every running
 request's decode token in one forward) and sends one message back: every request's new token ids
-and text, finish reasons, usage (cached prompt tokens) and the numbers /metrics shows (queues, KV
-blocks, prefix cache). The asyncio loop reads it (a reader on the pipe, no thread) and hands each
+and text, finish reasons, usage (cached prompt tokens), the requests it admitted (which no longer
+count against --max-waiting) and the numbers /metrics shows (queues, KV blocks, prefix cache). The asyncio loop reads it (a reader on the pipe, no thread) and hands each
 request its outputs. A streaming handler writes each piece of new text as a Server-Sent Event as it
 arrives; the others wait for the final output. A client that disconnects is noticed by its handler,
 which posts a cancellation: its request leaves the batch, and its blocks are freed, before the next
 step starts. The engine process ignores SIGINT and SIGTERM (the server drains, then stops it) and
-ends when the server's end of its pipe closes, so it does not outlive the server. `build_app` also
-takes an `LLM` itself: then the engine runs in a thread of this process (`EngineLoop`; tests that
-reach into the model use it).
+ends when the server's end of its pipe closes, so it does not outlive the server.
 
 Errors are OpenAI's error object {"error": {"message", "type", "param", "code"}} with the status:
 400 malformed JSON, a wrong type, a value out of range, a prompt that leaves no room in the context
@@ -86,7 +84,9 @@ becomes "System: Speak as Hamlet.\\n\\nUser: Who's there?\\n\\nAssistant:". No s
 pass "stop": ["\\n\\nUser:"] to end the reply where the model starts the next turn."""
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 DEFAULT_MAX_BODY = 1 << 20  # bytes
-SWITCH_INTERVAL = 1e-4  # seconds: how long a thread may hold the GIL while another waits (default 5e-3)
+# seconds a thread of the server process may hold the GIL while another waits (Python's default: 5e-3):
+# the asyncio loop shares it with the tokenizing threads and the thread writing to the engine's pipe
+SWITCH_INTERVAL = 1e-4
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 
@@ -196,7 +196,8 @@ class Job:
     include_usage: bool
 
 
-def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str, max_chars: int | None = None) -> Job:
+def parse_job(body: dict, chat: bool, engine: EngineProcess, capacity: int, model: str,
+              max_chars: int | None = None) -> Job:
     """Check an OpenAI request body (a dict parsed from JSON) and turn it into a `Job`. A text prompt
     over `max_chars` characters (default `prompt_char_limit`) is refused without being tokenized.
     Raises APIError: 400 for anything wrong with it (the message names the field), 404 for another
@@ -214,13 +215,13 @@ def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str, max_c
         raise APIError(400, "'stream_options' can only be given with 'stream': true", "stream_options")
     include_usage = bool(options and _get(options, "include_usage", "bool", False))
     if max_chars is None:
-        max_chars = prompt_char_limit(llm.tokenizer, capacity)
+        max_chars = prompt_char_limit(engine.tokenizer, capacity)
     if chat:
         text = render_chat(body.get("messages"))
-        prompt_ids = _encode(text, llm, capacity, max_chars, "messages")
+        prompt_ids = _encode(text, engine, capacity, max_chars, "messages")
     else:
-        prompt_ids = _prompt_ids(body.get("prompt"), llm, capacity, max_chars)
-    vocab = llm.vocab_size if isinstance(llm, EngineProcess) else llm.engine.config.vocab_size
+        prompt_ids = _prompt_ids(body.get("prompt"), engine, capacity, max_chars)
+    vocab = engine.vocab_size
     if any(not 0 <= t < vocab for t in prompt_ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
     room = capacity - len(prompt_ids)
@@ -260,15 +261,15 @@ def parse_job(body: dict, chat: bool, llm: LLM, capacity: int, model: str, max_c
     return Job(chat, prompt_ids, params, stream, include_usage)
 
 
-def _encode(text: str, llm: LLM, capacity: int, max_chars: int, param: str) -> list[int]:
+def _encode(text: str, engine: EngineProcess, capacity: int, max_chars: int, param: str) -> list[int]:
     """`text`'s token ids with <|bos|>; APIError (400) without tokenizing if it is over `max_chars`."""
     if len(text) > max_chars:
         raise APIError(400, f"the prompt is {len(text)} characters, more than this model's context of {capacity} "
                             f"tokens can hold", param, "context_length_exceeded")
-    return llm.tokenizer.encode(text, bos=True)
+    return engine.tokenizer.encode(text, bos=True)
 
 
-def _prompt_ids(prompt, llm: LLM, capacity: int, max_chars: int) -> list[int]:
+def _prompt_ids(prompt, engine: EngineProcess, capacity: int, max_chars: int) -> list[int]:
     """A completion prompt: a string, a list of token ids, or a list holding one of these."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -277,202 +278,35 @@ def _prompt_ids(prompt, llm: LLM, capacity: int, max_chars: int) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "'prompt' is empty", "prompt")
-        return _encode(prompt, llm, capacity, max_chars, "prompt")
+        return _encode(prompt, engine, capacity, max_chars, "prompt")
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         return list(prompt)
     raise APIError(400, "'prompt' must be a non-empty string or list of token ids", "prompt")
 
 
-# --- the engine loop ---------------------------------------------------------------------------------
+# --- a request in flight ----------------------------------------------------------------------------
 
 
 @dataclass
 class Handle:
-    """One request in flight: what its HTTP handler and the engine loop share. `outputs` (on the
-    asyncio loop) receives the request's outputs (every step's, or only the final one)."""
+    """One request in flight, on the asyncio loop: what its HTTP handler and `EngineProcess` share.
+    `outputs` receives the request's outputs (every step's, or only the final one)."""
 
     id: str
     job: Job
     outputs: asyncio.Queue
     t0: float = field(default_factory=time.perf_counter)  # arrival, for TTFT
     final_only: bool = False
-    req: Request | None = None  # the scheduler's request (engine thread only)
-    admitted: bool = False
+    admitted: bool = False  # left the engine's waiting queue (no longer counts against --max-waiting)
     done: bool = False
-    cancelled: bool = False  # a cancellation was sent (engine process)
-    token_ids: list[int] = field(default_factory=list)  # the output so far (engine process)
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache (engine process)
-
-
-class EngineLoop:
-    """The thread that owns the scheduler: takes requests and cancellations from an inbox between
-    steps, runs the steps, and delivers outputs to each request's asyncio queue on `loop`.
-
-    Thread safety: `submit`, `cancel`, `drain`, `snapshot` and `idle` may be called from any thread;
-    everything else runs on the engine thread.
-    """
-
-    def __init__(self, llm: LLM, loop: asyncio.AbstractEventLoop, metrics: Metrics,
-                 max_waiting: int | None = None):
-        self.llm, self.sched, self.loop, self.metrics = llm, llm.scheduler, loop, metrics
-        self.max_waiting = max_waiting
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.handles: dict[str, Handle] = {}  # engine thread only
-        self.lock = threading.Lock()
-        self.n_waiting = 0  # submitted, not yet admitted (under lock): what --max-waiting bounds
-        self.n_in_flight = 0  # submitted, not yet finished or cancelled (under lock)
-        self.draining = False
-        self.state = self._state()
-        self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._stop = False
-
-    # --- any thread ---
-
-    def submit(self, job: Job, final_only: bool) -> Handle:
-        """Queue a request. Raises APIError 503 while draining, 429 if --max-waiting are waiting."""
-        with self.lock:
-            if self.draining:
-                raise APIError(503, "the server is shutting down and takes no new requests")
-            if self.max_waiting is not None and self.n_waiting >= self.max_waiting:
-                raise APIError(429, f"{self.n_waiting} requests are waiting already (--max-waiting "
-                                    f"{self.max_waiting}); retry later")
-            self.n_waiting += 1
-            self.n_in_flight += 1
-        h = Handle(("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex, job, asyncio.Queue(),
-                   final_only=final_only)
-        self.inbox.put(("add", h))
-        return h
-
-    def cancel(self, h: Handle) -> None:
-        """Abort `h`'s request (its client went away) before the next step; nothing if it finished."""
-        if not h.done:
-            self.inbox.put(("cancel", h))
-
-    def drain(self) -> None:
-        """Refuse new requests from now on (503); the ones in flight go on. Takes no lock: it runs in
-        a signal handler, on a thread that may be inside `submit` or `idle` holding `self.lock`
-        (one assignment is atomic; a `submit` that read the flag just before goes through)."""
-        self.draining = True
-
-    def idle(self) -> bool:
-        with self.lock:
-            return self.n_in_flight == 0
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def stop(self) -> None:
-        """End the engine loop (after the step it is in); requests still in flight are dropped."""
-        self._stop = True
-        self.inbox.put(("wake", None))
-        self.thread.join()
-
-    # --- the engine thread ---
-
-    def _run(self) -> None:
-        while not self._stop:
-            cmds = []
-            try:
-                if not self.sched.has_unfinished():  # nothing to step: sleep until there is work
-                    cmds.append(self.inbox.get())
-                while True:
-                    cmds.append(self.inbox.get_nowait())
-            except queue.Empty:
-                pass
-            for cmd, h in cmds:
-                if cmd == "add":
-                    self._add(h)
-                elif cmd == "cancel":
-                    self._cancel(h)
-            if self.sched.has_unfinished():
-                try:
-                    outs = self.sched.step()
-                except Exception as e:  # a bug, not a bad request (those fail alone inside step)
-                    log.exception("engine step failed; failing every request in flight")
-                    outs = self._fail_all(e)
-                self._deliver(outs)
-            self._admitted()
-            self.state = self._state()
-
-    def _add(self, h: Handle) -> None:
-        try:
-            req = self.sched.add_request(h.job.prompt_ids, h.job.params, request_id=h.id)
-        except RequestError as e:  # parse_job checks what add_request does: not expected
-            out = RequestOutput(h.id, h.job.prompt_ids, [], "", [], "", True, "error", str(e))
-            self._deliver([out], {h.id: h})
-            return
-        req.arrival_time = h.t0
-        h.req = req
-        self.handles[h.id] = h
-        self.metrics.prompt_tokens.inc(len(h.job.prompt_ids))
-
-    def _cancel(self, h: Handle) -> None:
-        if self.handles.pop(h.id, None) is None:
-            return  # finished (or cancelled) already
-        self.sched.abort([h.id])
-        self.metrics.finished.labels("abort").inc()
-        self._close(h)
-
-    def _close(self, h: Handle) -> None:
-        with self.lock:
-            if not h.admitted:
-                self.n_waiting -= 1
-                h.admitted = True
-            self.n_in_flight -= 1
-        h.done = True
-
-    def _admitted(self) -> None:
-        """Requests that left the waiting queue no longer count against --max-waiting."""
-        for rid in self.sched.admitted:
-            h = self.handles.get(rid)
-            if h is not None and not h.admitted:
-                with self.lock:
-                    h.admitted = True
-                    self.n_waiting -= 1
-        self.sched.admitted = []
-
-    def _fail_all(self, e: Exception) -> list[RequestOutput]:
-        outs = []
-        for rid, h in list(self.handles.items()):
-            outs.append(RequestOutput(rid, h.job.prompt_ids, [], "", [], "", True, "error",
-                                      f"{type(e).__name__}: {e}"))
-        self.sched.abort(list(self.handles))
-        return outs
-
-    def _deliver(self, outs: list[RequestOutput], handles: dict[str, Handle] | None = None) -> None:
-        """Hand a step's outputs to their requests' queues, in one call into the asyncio loop. The
-        metrics are updated there too (`_put_all`), off this thread: the engine thread's Python work
-        between two steps holds the GIL that the next step waits for."""
-        handles = handles or self.handles
-        items = []
-        for out in outs:
-            h = handles.get(out.id)
-            if h is None:
-                continue
-            if out.finished:
-                handles.pop(out.id, None)
-                self._close(h)
-            items.append((h, out))
-        if items:
-            self.loop.call_soon_threadsafe(_put_all, self.metrics, items, time.perf_counter())
-
-    def _state(self) -> dict:
-        mgr = self.llm.engine.cache.manager
-        with self.lock:
-            waiting = self.n_waiting
-        return {"waiting": waiting, "running": len(self.sched.running), "kv_used": mgr.used_blocks,
-                "kv_cached": mgr.cached_blocks, "kv_free": len(mgr.free), "kv_total": mgr.n_blocks,
-                "prefix_queries": self.sched.prefix_query_tokens, "prefix_hits": self.sched.prefix_hit_tokens,
-                "preemptions": self.sched.n_preemptions, "steps": self.sched.n_steps,
-                "evictions": mgr.n_evicted}
+    cancelled: bool = False  # a cancellation was sent
+    token_ids: list[int] = field(default_factory=list)  # the output so far
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 def _put_all(m: Metrics, items: list[tuple[Handle, RequestOutput]], now: float) -> None:
     """On the asyncio loop: one step's outputs into their requests' queues (all of them, or only the
-    final one), and into the metrics (`now`: when the engine thread handed them over)."""
+    final one), and into the metrics (`now`: when they came from the engine process)."""
     n_new = 0
     for h, out in items:
         if out.new_token_ids:
@@ -584,10 +418,10 @@ def _engine_main(make_llm: Callable[[], LLM], inbox, outbox) -> None:
 
 
 class EngineProcess:
-    """The HTTP process's side of the engine process (vLLM's AsyncLLM to its EngineCore): the same
-    interface as `EngineLoop`, over two pipes. Starting it starts the process and waits until the
-    model is loaded (raises ValueError with the engine's message if it could not be); the tokenizer,
-    the vocabulary size and the context capacity come back from it, for the HTTP side's checks.
+    """The HTTP process's side of the engine process (vLLM's AsyncLLM to its EngineCore), over two
+    pipes. Starting it starts the process and waits until the model is loaded (raises ValueError with
+    the engine's message if it could not be, or if it has no tokenizer); the tokenizer, the vocabulary
+    size and the context capacity come back from it, for the HTTP side's checks (`parse_job`).
 
     Everything here runs on the asyncio loop once `attach`ed (submit, cancel, drain, idle and the
     reader of the engine's messages), except the sender thread, which writes commands to the pipe
@@ -661,9 +495,6 @@ class EngineProcess:
 
     def idle(self) -> bool:
         return self.n_in_flight == 0
-
-    def start(self) -> None:
-        pass
 
     def stop(self) -> None:
         """Stop the engine process (after the step it is in); requests still in flight are dropped."""
@@ -759,7 +590,7 @@ class Metrics:
     """The server's Prometheus metrics, in a registry of its own (several servers may share a process).
 
     Histograms and token counters are updated as each step's outputs reach the asyncio loop; the gauges of state
-    (queues, KV blocks, prefix cache) are read from the engine loop's last snapshot at each scrape.
+    (queues, KV blocks, prefix cache) are read from the engine process's last snapshot at each scrape.
     """
 
     def __init__(self):
@@ -773,7 +604,7 @@ class Metrics:
         self.generation_tokens = Counter("llama_generation_tokens", "Output tokens generated", registry=r)
         self.finished = Counter("llama_requests_finished", "Requests ended, by finish reason (abort: cancelled)",
                                 ["finish_reason"], registry=r)
-        self.engine: EngineLoop | None = None
+        self.engine: EngineProcess | None = None
         r.register(self)
 
     def collect(self):
@@ -806,35 +637,25 @@ class Metrics:
 # --- the HTTP app ------------------------------------------------------------------------------------
 
 
-def build_app(llm: LLM | EngineProcess, model_name: str, *, api_key: str | None = None, max_waiting: int | None = None,
+def build_app(engine: EngineProcess, model_name: str, *, api_key: str | None = None, max_waiting: int | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY, stream_interval: int = 1):
-    """The FastAPI app serving `llm` under the name `model_name`. Its engine loop starts with the app
-    (lifespan) and is `app.state.engine` from then on; `app.state.drain()` starts draining, as SIGTERM
-    does. `api_key` None: no key asked; `max_waiting` None: no limit; bodies over `max_body_bytes`
-    get 413; a stream sends a chunk every `stream_interval` tokens (and its first and last at once).
-    Raises ValueError if `llm` has no tokenizer or stream_interval < 1."""
-    if llm.tokenizer is None:
-        raise ValueError("the server needs a tokenizer (text prompts, stop strings, streamed text)")
+    """The FastAPI app serving the engine process `engine` under the name `model_name`. The app attaches
+    to it when it starts (lifespan), stops it when it ends, and has it as `app.state.engine` from then
+    on; `app.state.drain()` starts draining, as SIGTERM does. `api_key` None: no key asked;
+    `max_waiting` None: no limit; bodies over `max_body_bytes` get 413; a stream sends a chunk every
+    `stream_interval` tokens (and its first and last at once). Raises ValueError if
+    stream_interval < 1."""
     if stream_interval < 1:
         raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
-    if isinstance(llm, EngineProcess):
-        capacity = llm.capacity
-    else:
-        cache = llm.engine.cache
-        capacity = min(llm.engine.config.max_seq_len, cache.manager.n_blocks * cache.block_size)
-    max_chars = prompt_char_limit(llm.tokenizer, capacity)
+    capacity = engine.capacity
+    max_chars = prompt_char_limit(engine.tokenizer, capacity)
     metrics = Metrics()
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if isinstance(llm, EngineProcess):
-            engine = llm
-            engine.attach(asyncio.get_running_loop(), metrics, max_waiting)
-        else:
-            engine = EngineLoop(llm, asyncio.get_running_loop(), metrics, max_waiting)
+        engine.attach(asyncio.get_running_loop(), metrics, max_waiting)
         app.state.engine = metrics.engine = engine
-        engine.start()
         try:
             yield
         finally:
@@ -888,8 +709,7 @@ def build_app(llm: LLM | EngineProcess, model_name: str, *, api_key: str | None 
         check_key(request)
         body = await read_json(request)
         # tokenizing is pure Python: in a worker thread, so the asyncio loop goes on serving
-        job = await asyncio.to_thread(parse_job, body, chat, llm, capacity, model_name, max_chars)
-        engine: EngineLoop = app.state.engine
+        job = await asyncio.to_thread(parse_job, body, chat, engine, capacity, model_name, max_chars)
         h = engine.submit(job, final_only=not job.stream)
         if job.stream:
             return StreamingResponse(_events(engine, h, model_name, stream_interval), media_type="text/event-stream")
@@ -916,7 +736,6 @@ def build_app(llm: LLM | EngineProcess, model_name: str, *, api_key: str | None 
 
     @app.get("/health")
     async def health():
-        engine: EngineLoop = app.state.engine
         if engine.draining or not engine.alive():
             return JSONResponse({"status": "draining" if engine.draining else "engine stopped"}, status_code=503)
         return {"status": "ok"}
@@ -928,7 +747,7 @@ def build_app(llm: LLM | EngineProcess, model_name: str, *, api_key: str | None 
     return app
 
 
-async def _final(engine: EngineLoop, h: Handle, request) -> RequestOutput | None:
+async def _final(engine: EngineProcess, h: Handle, request) -> RequestOutput | None:
     """Wait for `h`'s final output, or for its client to disconnect (then cancel it: None)."""
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
@@ -949,9 +768,8 @@ async def _final(engine: EngineLoop, h: Handle, request) -> RequestOutput | None
 def _usage(h: Handle, out: RequestOutput) -> dict:
     """OpenAI's usage object; cached_tokens: prompt tokens found in the prefix cache."""
     n_prompt, n_out = len(h.job.prompt_ids), len(out.token_ids)
-    cached = h.req.n_prefix_hit if h.req is not None else h.cached_tokens
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": h.cached_tokens}}
 
 
 def _response(h: Handle, out: RequestOutput, model: str) -> dict:
@@ -968,7 +786,7 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _events(engine: EngineLoop, h: Handle, model: str, interval: int = 1) -> AsyncIterator[str]:
+async def _events(engine: EngineProcess, h: Handle, model: str, interval: int = 1) -> AsyncIterator[str]:
     """The SSE stream of one request, as vLLM writes it: a chunk per step with new text (a chat stream
     opens with the assistant role), the last one with `finish_reason`, a usage chunk if asked
     (choices []), then `data: [DONE]`. Before each write it takes everything its request has made
@@ -1070,8 +888,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--port must be in [0, 65535], got {args.port}")
     # The engine (weights, scheduler, KV cache) runs in a process of its own, as vLLM's EngineCore:
     # this one only parses, tokenizes and writes HTTP, and the two do not share a GIL.
-    # Here the asyncio loop shares the GIL with the tokenizing threads and the one writing commands to
-    # the engine: a short switch interval (default 5 ms) lets a new request reach the engine sooner.
+    # The asyncio loop still shares this process's GIL, with the threads tokenizing prompts (pure
+    # Python, up to milliseconds each) and the one writing commands to the engine's pipe: a short
+    # switch interval keeps a long tokenization from holding SSE writes, and a new request's "add"
+    # from waiting behind the loop, for Python's default 5 ms.
     sys.setswitchinterval(SWITCH_INTERVAL)
     make_llm = functools.partial(_load_llm, args.ckpt, quant=args.quant, device=args.device, threads=args.threads,
                                  max_batch=args.max_running, max_step_tokens=args.max_step_tokens,
