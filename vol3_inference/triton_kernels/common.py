@@ -40,6 +40,20 @@ def device_problem(kernel, *tensors: torch.Tensor) -> str | None:
     return f"device {dev} is not supported (CUDA, or the CPU under TRITON_INTERPRET=1)"
 
 
+def cache_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """What both attention kernels ask of q (rows, H, hd) against the caches (NB, bs, Hkv, hd), or
+    None: equal cache shapes, q's head dim and a whole number of query heads per KV head, and a
+    power-of-two block size (a position's block and slot are a shift and a mask)."""
+    (_, H, hd), (_, bs, Hkv, hd_k) = q.shape, k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        return f"v_cache {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}"
+    if hd_k != hd or H % Hkv:
+        return f"q {tuple(q.shape)} (H={H}, hd={hd}) does not fit caches with Hkv={Hkv}, hd={hd_k} (H % Hkv == 0 needed)"
+    if bs & (bs - 1):
+        return f"block size {bs} is not a power of two"
+    return None
+
+
 def attention_problem(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       *index: torch.Tensor) -> str | None:
     """What both attention kernels ask of their inputs, or None: q, k_cache and v_cache in one of

@@ -42,7 +42,13 @@ import triton
 import triton.language as tl
 
 from vol3_inference.ops import TorchOps
-from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, attention_problem, next_pow2
+from vol3_inference.triton_kernels.common import (
+    DTYPES,
+    TRITON_TYPES,
+    attention_problem,
+    cache_problem,
+    next_pow2,
+)
 
 BLOCK_N = 32  # context positions per inner-loop tile
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16 on a GPU (the interpreter takes less)
@@ -210,15 +216,11 @@ def decode_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return (f"q (B, H, hd), caches (NB, bs, Hkv, hd), block_tables (B, W) and context_lens (B,) "
                 f"expected, got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}, "
                 f"{tuple(context_lens.shape)}")
-    (B, H, hd), (_, bs, Hkv, hd_k) = q.shape, k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        return f"v_cache {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}"
-    if hd_k != hd or H % Hkv:
-        return f"q (B={B}, H={H}, hd={hd}) does not fit caches with Hkv={Hkv}, hd={hd_k} (H % Hkv == 0 needed)"
+    (B, H, hd), Hkv = q.shape, k_cache.shape[2]
+    if (why := cache_problem(q, k_cache, v_cache)) is not None:
+        return why
     if block_tables.shape[0] != B or context_lens.shape[0] != B:
         return f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} need B={B} rows"
-    if bs & (bs - 1):
-        return f"block size {bs} is not a power of two"
     if H // Hkv > MAX_GROUP or hd > MAX_HEAD_DIM:
         return (f"G = H / Hkv = {H // Hkv} and hd = {hd} must be at most {MAX_GROUP} and {MAX_HEAD_DIM} "
                 f"(the compiled configurations; past them the tiles spill registers)")

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from vol3_inference.ops import TorchOps
-from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, attention_problem
+from vol3_inference.triton_kernels.common import DTYPES, TRITON_TYPES, attention_problem, cache_problem
 from vol3_inference.triton_kernels.decode_attention import (
     LOG2E,
     MAX_HEAD_DIM,
@@ -109,13 +109,9 @@ def prefill_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.dim() != 3 or k_cache.dim() != 4 or block_table.dim() != 1:
         return (f"q (T, H, hd), caches (NB, bs, Hkv, hd) and block_table (W,) expected, got "
                 f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_table.shape)}")
-    (T, H, hd), (_, bs, Hkv, hd_k) = q.shape, k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        return f"v_cache {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}"
-    if hd_k != hd or H % Hkv:
-        return f"q (T={T}, H={H}, hd={hd}) does not fit caches with Hkv={Hkv}, hd={hd_k} (H % Hkv == 0 needed)"
-    if bs & (bs - 1):
-        return f"block size {bs} is not a power of two"
+    (T, _, hd), bs = q.shape, k_cache.shape[1]
+    if (why := cache_problem(q, k_cache, v_cache)) is not None:
+        return why
     if hd > MAX_HEAD_DIM:
         return f"hd = {hd} must be at most {MAX_HEAD_DIM} (the compiled configurations; past it the tiles spill)"
     if start_pos < 0 or (start_pos + T) > block_table.shape[0] * bs:
